@@ -1,0 +1,133 @@
+//! The command line, as clap derives it. `mkonnx build` keeps `convert_model.sh`'s options.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// mkonnx — convert torchvision FasterRCNN training runs to verified ONNX models.
+///
+/// A run directory is what `python src/train.py` (Hydra) leaves: `best_model.pth` and
+/// `.hydra/config.yaml`. `mkonnx build` writes `<run_dir>/onnx_model/model.onnx`, checks it
+/// against the PyTorch model, and with `--evaluate-converted-model` evaluates both on a
+/// dataset with COCO metrics and compares them. Every stage is cached by content in a store,
+/// so a rerun does only what changed.
+#[derive(Debug, Parser)]
+#[command(name = "mkonnx", version, about, long_about = None, after_help = EXAMPLES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  mkonnx build outputs/2026-02-02/15-15-47 --image-input sample.png
+  mkonnx build outputs/*/* --dataset-dir data/triangles_dataset_small --evaluate-converted-model -j 2
+  mkonnx status outputs/*/* --dataset-dir data/triangles_dataset_small --evaluate-converted-model
+  mkonnx coco-eval ground_truth_coco.json onnx_predictions.json";
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Convert (and optionally evaluate and compare) one or more runs.
+    Build(BuildArgs),
+    /// Show which stages of the runs are fresh and why the others would rebuild.
+    Status(BuildArgs),
+    /// Print the build graph of the runs as Graphviz DOT.
+    Graph(BuildArgs),
+    /// Delete store entries that no run refers to any more.
+    Gc(StoreArgs),
+    /// COCO bbox evaluation of a results file against a ground truth, as pycocotools prints it.
+    CocoEval(CocoEvalArgs),
+}
+
+/// Where the cache lives.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Store directory (default: $MKONNX_STORE, else the user's cache directory).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub store: Option<PathBuf>,
+}
+
+/// Which device runs the PyTorch model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU libtorch sees.
+    Cuda,
+}
+
+/// Options of `build`, `status` and `graph`.
+#[derive(Debug, Args, Clone)]
+pub struct BuildArgs {
+    /// Training run directories (each with best_model.pth and .hydra/config.yaml).
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub run_dirs: Vec<PathBuf>,
+    /// Dataset directory (dataset.jsonl + data/): its first image is the parity sample, and
+    /// it is what `--evaluate-converted-model` evaluates on.
+    #[arg(long, value_name = "DIR")]
+    pub dataset_dir: Option<PathBuf>,
+    /// Image used to check the converted model against the PyTorch model.
+    #[arg(long, value_name = "PATH")]
+    pub image_input: Option<PathBuf>,
+    /// Checkpoint to convert instead of <run_dir>/best_model.pth.
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint_path: Option<PathBuf>,
+    /// Device for the PyTorch model.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Evaluate the ONNX model on --dataset-dir and compare it with the PyTorch model.
+    #[arg(long)]
+    pub evaluate_converted_model: bool,
+    /// Skip the PyTorch-vs-ONNX check on the sample image (conversion only, fastest).
+    #[arg(long)]
+    pub no_parity_check: bool,
+    /// Keep the converted model even when the parity check fails (for debugging).
+    #[arg(long)]
+    pub keep_failed_parity: bool,
+    /// Number of visualizations to draw per evaluation.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub visualizations: usize,
+    /// Stages to run at once (default: the number of CPUs).
+    #[arg(short = 'j', long = "jobs", value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Rebuild every stage even when it is fresh.
+    #[arg(long)]
+    pub force: bool,
+    /// Show what would be rebuilt and why, without building (same as `mkonnx status`).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bars or per-stage lines.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print a machine-readable JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Store options.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Options of `coco-eval`.
+#[derive(Debug, Args, Clone)]
+pub struct CocoEvalArgs {
+    /// COCO ground truth JSON.
+    pub ground_truth: PathBuf,
+    /// COCO results JSON (a list of {image_id, category_id, bbox, score}).
+    pub predictions: PathBuf,
+    /// Print the 12 stats as JSON instead of pycocotools' text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BuildArgs {
+    /// Checks the option combinations `convert_model.sh` rejected, with its wording.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.evaluate_converted_model && self.dataset_dir.is_none() {
+            return Err("--evaluate-converted-model requires --dataset-dir".into());
+        }
+        if self.image_input.is_none() && self.dataset_dir.is_none() {
+            return Err("Either --image-input or --dataset-dir must be provided".into());
+        }
+        Ok(())
+    }
+}

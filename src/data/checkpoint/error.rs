@@ -1,0 +1,193 @@
+//! Errors of the checkpoint reader. Every variant names the checkpoint file.
+
+use std::path::PathBuf;
+
+/// Why a `torch.save` checkpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The path does not exist.
+    #[error("{}: checkpoint file not found", path.display())]
+    NotFound {
+        /// The checkpoint path.
+        path: PathBuf,
+    },
+
+    /// The file exists but could not be read.
+    #[error("{}: cannot read checkpoint: {source}", path.display())]
+    Io {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// The file is a pre-1.6 (pickle stream, not zip) `torch.save` file.
+    #[error(
+        "{}: legacy (non-zip) torch.save format is not supported; re-save with \
+         torch.save(..., _use_new_zipfile_serialization=True)",
+        path.display()
+    )]
+    LegacyFormat {
+        /// The checkpoint path.
+        path: PathBuf,
+    },
+
+    /// The file is neither a zip archive nor a legacy `torch.save` pickle.
+    #[error("{}: not a torch.save checkpoint (not a zip archive)", path.display())]
+    NotZip {
+        /// The checkpoint path.
+        path: PathBuf,
+    },
+
+    /// The zip archive is truncated or damaged (bad directory, bad checksum, ...).
+    #[error("{}: truncated or corrupt zip archive: {detail}", path.display())]
+    CorruptZip {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// What the zip reader reported.
+        detail: String,
+    },
+
+    /// The archive holds no `<archive>/data.pkl` record.
+    #[error("{}: zip archive has no <archive>/data.pkl record (entries: {})", path.display(), entries.join(", "))]
+    MissingDataPkl {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The first few entry names, to show what the archive is instead.
+        entries: Vec<String>,
+    },
+
+    /// The `byteorder` record is neither `little` nor `big`.
+    #[error("{}: unknown byteorder record {value:?} (expected \"little\" or \"big\")", path.display())]
+    BadByteOrder {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The record's content.
+        value: String,
+    },
+
+    /// `data.pkl` uses a pickle opcode that a checkpoint never needs.
+    #[error("{}: unsupported pickle opcode {name} (0x{opcode:02x}) at byte {offset} of data.pkl", path.display())]
+    UnsupportedOpcode {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The opcode byte.
+        opcode: u8,
+        /// Its pickletools name, or "unknown".
+        name: &'static str,
+        /// Byte offset in data.pkl.
+        offset: usize,
+    },
+
+    /// `data.pkl` is not a well-formed pickle (stack underflow, bad memo index, cut short).
+    #[error("{}: malformed data.pkl at byte {offset}: {detail}", path.display())]
+    MalformedPickle {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// Byte offset in data.pkl.
+        offset: usize,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A state-dict entry was built by a torch function this reader does not implement
+    /// (a sparse or quantized tensor, for example).
+    #[error("{}: state dict entry {key:?} is built by unsupported global {global}", path.display())]
+    UnsupportedGlobal {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The dotted name of the global (`torch._utils._rebuild_sparse_tensor`).
+        global: String,
+    },
+
+    /// A state-dict tensor has a dtype this reader does not decode.
+    #[error("{}: tensor {key:?} has unsupported storage type {dtype}", path.display())]
+    UnsupportedDtype {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The storage class or dtype name.
+        dtype: String,
+    },
+
+    /// A tensor's storage record is absent from the archive.
+    #[error("{}: tensor {key:?} needs storage record {record} which the archive lacks", path.display())]
+    MissingStorage {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The record name (`<archive>/data/<n>`).
+        record: String,
+    },
+
+    /// A tensor's view reaches past the end of its storage.
+    #[error(
+        "{}: tensor {key:?} needs {needed} bytes of storage {record} but it has {available}",
+        path.display()
+    )]
+    StorageTooSmall {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The record name.
+        record: String,
+        /// Bytes the view reaches.
+        needed: u64,
+        /// Bytes the storage holds.
+        available: u64,
+    },
+
+    /// A tensor's metadata makes no sense (negative size or stride, sizes that overflow).
+    #[error("{}: tensor {key:?} is invalid: {detail}", path.display())]
+    InvalidTensor {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// Neither the top level nor any of the wrapper keys holds a mapping of names to tensors.
+    #[error(
+        "{}: no state dict found (looked for a mapping of names to tensors at the top level \
+         or under model_state_dict, state_dict, model); {found}",
+        path.display()
+    )]
+    NoStateDict {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// What the top level is, with its keys when it is a dict.
+        found: String,
+        /// The top-level keys when the top level is a dict (rendered as text).
+        top_level_keys: Vec<String>,
+    },
+}
+
+impl CheckpointError {
+    /// A stable short name for the kind of error, for callers and tests that branch on it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CheckpointError::NotFound { .. } => "not_found",
+            CheckpointError::Io { .. } => "io",
+            CheckpointError::LegacyFormat { .. } => "legacy_format",
+            CheckpointError::NotZip { .. } => "not_zip",
+            CheckpointError::CorruptZip { .. } => "corrupt_zip",
+            CheckpointError::MissingDataPkl { .. } => "missing_data_pkl",
+            CheckpointError::BadByteOrder { .. } => "bad_byteorder",
+            CheckpointError::UnsupportedOpcode { .. } => "unsupported_opcode",
+            CheckpointError::MalformedPickle { .. } => "malformed_pickle",
+            CheckpointError::UnsupportedGlobal { .. } => "unsupported_global",
+            CheckpointError::UnsupportedDtype { .. } => "unsupported_dtype",
+            CheckpointError::MissingStorage { .. } => "missing_storage",
+            CheckpointError::StorageTooSmall { .. } => "storage_too_small",
+            CheckpointError::InvalidTensor { .. } => "invalid_tensor",
+            CheckpointError::NoStateDict { .. } => "no_state_dict",
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! Executing a graph: keys, store lookups, locks, running stages, materializing.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::fs;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+
+use super::graph::{Graph, Node, NodeHandle};
+use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
+use super::stage::{HashedFile, StageContext};
+use super::stat_cache::{Clock, FileHasher, FileStat, SystemClock, RACY_MARGIN_NS};
+use super::store::{InputRecord, MatRecord, NodeRecord, Store, StoredResult};
+use super::EngineError;
+
+/// Which nodes to rebuild even if the store has their key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Force {
+    /// None: the store decides.
+    #[default]
+    Nothing,
+    /// Every node.
+    All,
+    /// These nodes. Their dependents rebuild only if the forced outputs change.
+    Nodes(BTreeSet<NodeHandle>),
+}
+
+impl Force {
+    /// Whether `h` is forced.
+    pub fn contains(&self, h: NodeHandle) -> bool {
+        match self {
+            Force::Nothing => false,
+            Force::All => true,
+            Force::Nodes(set) => set.contains(&h),
+        }
+    }
+}
+
+/// Progress notifications, delivered from worker threads.
+#[derive(Debug)]
+pub enum BuildEvent<'r> {
+    /// The node's key missed the store and its stage is about to run.
+    Started {
+        /// The node.
+        node: NodeHandle,
+    },
+    /// The node is done, one way or another.
+    Finished {
+        /// The node.
+        node: NodeHandle,
+        /// What happened.
+        outcome: &'r Outcome,
+    },
+}
+
+/// Options of [`Engine::build`].
+#[derive(Default)]
+pub struct BuildOptions<'a> {
+    /// Nodes to rebuild regardless of the store.
+    pub force: Force,
+    /// Called on worker threads as nodes start and finish (e.g. to drive a progress bar).
+    pub observer: Option<&'a (dyn Fn(&BuildEvent<'_>) + Sync)>,
+}
+
+/// What happened to one node in a build.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Its key was in the store and every materialized file was intact.
+    Fresh,
+    /// Its key was in the store; these materialized files were missing or edited and
+    /// were copied back from the store.
+    Restored {
+        /// The files written.
+        paths: Vec<PathBuf>,
+    },
+    /// Its stage ran.
+    Built {
+        /// How long the stage ran.
+        duration: Duration,
+    },
+    /// Its stage, its inputs or the store failed. Format with `{:#}` for the whole chain.
+    Failed {
+        /// The error.
+        error: Arc<anyhow::Error>,
+    },
+    /// Not attempted because an upstream node failed.
+    Skipped {
+        /// The failed node at the root of the chain.
+        because: NodeHandle,
+    },
+}
+
+impl Outcome {
+    /// Fresh, restored or built.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Fresh | Outcome::Restored { .. } | Outcome::Built { .. })
+    }
+}
+
+/// One node's line in a [`BuildReport`].
+#[derive(Clone, Debug)]
+pub struct NodeReport {
+    /// The node.
+    pub node: NodeHandle,
+    /// `stage [labels]`.
+    pub name: String,
+    /// The stage's name.
+    pub stage: &'static str,
+    /// The runs it belongs to.
+    pub labels: Vec<String>,
+    /// Its key, when its inputs could be hashed.
+    pub key: Option<Hash>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// The result of [`Engine::build`]: one entry per node, in graph order.
+#[derive(Clone, Debug)]
+pub struct BuildReport {
+    /// Per node, indexed by [`NodeHandle::index`].
+    pub nodes: Vec<NodeReport>,
+    /// Files whose content was read to hash them (the rest came from the stat cache).
+    pub files_hashed: usize,
+    /// Their total size.
+    pub bytes_hashed: u64,
+    /// Wall time of the whole build.
+    pub elapsed: Duration,
+}
+
+/// The nodes of one label (run).
+#[derive(Debug)]
+pub struct RunSummary<'r> {
+    /// The label.
+    pub label: &'r str,
+    /// Its nodes, in graph order.
+    pub nodes: Vec<&'r NodeReport>,
+}
+
+impl RunSummary<'_> {
+    /// Whether every node of the run is fresh, restored or built.
+    pub fn ok(&self) -> bool {
+        self.nodes.iter().all(|n| n.outcome.is_ok())
+    }
+}
+
+impl BuildReport {
+    /// Whether every node is fresh, restored or built.
+    pub fn ok(&self) -> bool {
+        self.nodes.iter().all(|n| n.outcome.is_ok())
+    }
+
+    /// The report of node `h`.
+    pub fn get(&self, h: NodeHandle) -> &NodeReport {
+        &self.nodes[h.0]
+    }
+
+    /// Nodes grouped by label, labels in order of first appearance. A shared node appears
+    /// under each of its labels; unlabelled nodes under none.
+    pub fn runs(&self) -> Vec<RunSummary<'_>> {
+        let mut runs: Vec<RunSummary<'_>> = Vec::new();
+        for n in &self.nodes {
+            for label in &n.labels {
+                match runs.iter_mut().find(|r| r.label == label) {
+                    Some(r) => r.nodes.push(n),
+                    None => runs.push(RunSummary { label, nodes: vec![n] }),
+                }
+            }
+        }
+        runs
+    }
+}
+
+impl fmt::Display for BuildReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for n in &self.nodes {
+            match &n.outcome {
+                Outcome::Fresh => writeln!(f, "fresh     {}", n.name)?,
+                Outcome::Restored { paths } => writeln!(f, "restored  {} ({} file(s))", n.name, paths.len())?,
+                Outcome::Built { duration } => writeln!(f, "built     {} in {:.2?}", n.name, duration)?,
+                Outcome::Failed { error } => writeln!(f, "FAILED    {}: {:#}", n.name, error)?,
+                Outcome::Skipped { because } => writeln!(f, "skipped   {}: {} failed", n.name, self.nodes[because.0].name)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The build engine: a store, the tool version that enters every key, and a job count.
+pub struct Engine {
+    pub(crate) store: Arc<Store>,
+    pub(crate) tool_version: String,
+    jobs: usize,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) racy_margin_ns: i64,
+}
+
+/// What dependents need of a finished node.
+#[derive(Clone)]
+enum Done {
+    Ok { output_hash: Hash, artifacts: Arc<BTreeMap<String, Hash>> },
+    Failed { root: NodeHandle },
+}
+
+/// A finished upstream, as its dependent sees it.
+struct Upstream<'a> {
+    input: &'a str,
+    node: NodeHandle,
+    output_hash: Hash,
+    artifacts: Arc<BTreeMap<String, Hash>>,
+}
+
+struct Finished {
+    done: Done,
+    outcome: Outcome,
+    key: Option<Hash>,
+}
+
+impl Finished {
+    fn failed(h: NodeHandle, key: Option<Hash>, error: anyhow::Error) -> Self {
+        Finished { done: Done::Failed { root: h }, outcome: Outcome::Failed { error: Arc::new(error) }, key }
+    }
+}
+
+struct Sched {
+    ready: VecDeque<NodeHandle>,
+    /// Unfinished incoming edges per node.
+    waiting: Vec<usize>,
+    finished: usize,
+}
+
+struct BuildCx<'a> {
+    graph: &'a Graph,
+    opts: &'a BuildOptions<'a>,
+    hasher: FileHasher,
+    done: Vec<OnceLock<Finished>>,
+    sched: Mutex<Sched>,
+    wake: Condvar,
+}
+
+/// A materialization failed because the store's copy is bad.
+enum MatError {
+    CorruptBlob(Hash),
+    Other(EngineError),
+}
+
+impl Engine {
+    /// An engine over `store`. `tool_version` enters every key: results of another version
+    /// are never reused. Jobs default to the number of CPUs.
+    pub fn new(store: Store, tool_version: impl Into<String>) -> Engine {
+        Engine {
+            store: Arc::new(store),
+            tool_version: tool_version.into(),
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            clock: Arc::new(SystemClock),
+            racy_margin_ns: RACY_MARGIN_NS,
+        }
+    }
+
+    /// Opens the store in `store_dir` and makes an engine over it.
+    pub fn open(store_dir: &Path, tool_version: impl Into<String>) -> Result<Engine, EngineError> {
+        Ok(Engine::new(Store::open(store_dir)?, tool_version))
+    }
+
+    /// Runs at most `jobs` stages at once (`0`: the number of CPUs).
+    pub fn with_jobs(mut self, jobs: usize) -> Self {
+        if jobs > 0 {
+            self.jobs = jobs;
+        }
+        self
+    }
+
+    /// Replaces the clock the stat cache uses (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The tool version in every key.
+    pub fn tool_version(&self) -> &str {
+        &self.tool_version
+    }
+
+    pub(crate) fn new_hasher(&self) -> FileHasher {
+        FileHasher::new(self.store.clone(), self.clock.clone(), self.racy_margin_ns)
+    }
+
+    /// Builds every node of `graph`: up to `jobs` stages at a time, each as soon as its
+    /// upstream nodes are done. A failing node skips its dependents; the others go on.
+    /// The error is only for the store itself failing before any node could run.
+    pub fn build(&self, graph: &Graph, opts: &BuildOptions<'_>) -> Result<BuildReport, EngineError> {
+        let start = Instant::now();
+        let _gc_guard = self.store.lock_gc(false)?;
+        let n = graph.len();
+        let mut waiting = vec![0usize; n];
+        for h in graph.handles() {
+            for d in graph.dependents(h) {
+                waiting[d.0] += 1;
+            }
+        }
+        let ready = graph.handles().filter(|h| waiting[h.0] == 0).collect();
+        let cx = BuildCx {
+            graph,
+            opts,
+            hasher: self.new_hasher(),
+            done: (0..n).map(|_| OnceLock::new()).collect(),
+            sched: Mutex::new(Sched { ready, waiting, finished: 0 }),
+            wake: Condvar::new(),
+        };
+        let workers = self.jobs.clamp(1, n.max(1));
+        std::thread::scope(|s| {
+            let mut spawned = 0;
+            for i in 0..workers {
+                let cx = &cx;
+                let spawn = std::thread::Builder::new().name(format!("mkonnx-build-{i}")).spawn_scoped(s, move || self.worker(cx));
+                if spawn.is_ok() {
+                    spawned += 1;
+                }
+            }
+            if spawned == 0 {
+                // No thread could be created: build on this one.
+                self.worker(&cx);
+            }
+        });
+        cx.hasher.flush()?;
+        let BuildCx { done, hasher, .. } = cx;
+        let nodes = done
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let h = NodeHandle(i);
+                let f = f.into_inner().unwrap_or_else(|| Finished::failed(h, None, anyhow!("internal error: node was never scheduled")));
+                NodeReport {
+                    node: h,
+                    name: graph.display_name(h),
+                    stage: graph.stage_name(h),
+                    labels: graph.labels(h).to_vec(),
+                    key: f.key,
+                    outcome: f.outcome,
+                }
+            })
+            .collect();
+        Ok(BuildReport { nodes, files_hashed: hasher.files_read(), bytes_hashed: hasher.bytes_read(), elapsed: start.elapsed() })
+    }
+
+    fn worker(&self, cx: &BuildCx<'_>) {
+        let n = cx.graph.len();
+        loop {
+            let h = {
+                let mut st = cx.sched.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(h) = st.ready.pop_front() {
+                        break h;
+                    }
+                    if st.finished == n {
+                        return;
+                    }
+                    st = cx.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            // Whatever happens inside, the node must be marked finished, or every other
+            // worker would wait for it forever.
+            let finished = catch_unwind(AssertUnwindSafe(|| self.process(cx, h)))
+                .unwrap_or_else(|p| Finished::failed(h, None, anyhow!("internal error: {}", panic_message(&*p))));
+            if let Some(observer) = cx.opts.observer {
+                let _ = catch_unwind(AssertUnwindSafe(|| observer(&BuildEvent::Finished { node: h, outcome: &finished.outcome })));
+            }
+            let _ = cx.done[h.0].set(finished);
+            let mut st = cx.sched.lock().unwrap_or_else(PoisonError::into_inner);
+            st.finished += 1;
+            for d in cx.graph.dependents(h) {
+                st.waiting[d.0] -= 1;
+                if st.waiting[d.0] == 0 {
+                    st.ready.push_back(d);
+                }
+            }
+            drop(st);
+            cx.wake.notify_all();
+        }
+    }
+
+    fn process(&self, cx: &BuildCx<'_>, h: NodeHandle) -> Finished {
+        let node = cx.graph.node(h);
+        let mut upstream: Vec<Upstream<'_>> = Vec::new();
+        for (input, up) in &node.upstream {
+            match cx.done[up.0].get().map(|f| &f.done) {
+                Some(Done::Ok { output_hash, artifacts }) => {
+                    upstream.push(Upstream { input: input.as_str(), node: *up, output_hash: *output_hash, artifacts: artifacts.clone() })
+                }
+                Some(Done::Failed { root }) => {
+                    return Finished { done: Done::Failed { root: *root }, outcome: Outcome::Skipped { because: *root }, key: None };
+                }
+                None => return Finished::failed(h, None, anyhow!("internal error: upstream {} not finished", up.0)),
+            }
+        }
+        let mut files = Vec::with_capacity(node.files.len());
+        for (name, path) in &node.files {
+            match cx.hasher.hash(path) {
+                Ok((hash, stat)) => files.push(HashedFile { name: name.clone(), path: path.clone(), hash, stat }),
+                Err(e) => return Finished::failed(h, None, anyhow::Error::new(e).context(format!("input {name:?}"))),
+            }
+        }
+        let key = self.key_of(node, &files, upstream.iter().map(|u| (u.input, u.output_hash)));
+        let forced = cx.opts.force.contains(h);
+        // A corrupt blob found while materializing is forgotten and the node tried again,
+        // which rebuilds it; twice is enough unless the disk keeps corrupting files.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match self.attempt(cx, h, node, &files, &upstream, key, forced) {
+                Ok(f) => return f,
+                Err(MatError::CorruptBlob(blob)) => {
+                    if let Err(e) = self.store.forget_blob(&blob) {
+                        return Finished::failed(h, Some(key), e.into());
+                    }
+                    last_error = Some(EngineError::CorruptBlob { path: self.store.blob_path(&blob) });
+                }
+                Err(MatError::Other(e)) => return Finished::failed(h, Some(key), e.into()),
+            }
+        }
+        let e = last_error.map(anyhow::Error::new).unwrap_or_else(|| anyhow!("store kept failing"));
+        Finished::failed(h, Some(key), e)
+    }
+
+    pub(crate) fn key_of<'i>(&self, node: &Node, files: &[HashedFile], upstream: impl Iterator<Item = (&'i str, Hash)>) -> Hash {
+        let inputs: Vec<(String, InputKind, Hash)> = files
+            .iter()
+            .map(|f| (f.name.clone(), InputKind::File, f.hash))
+            .chain(upstream.map(|(n, hash)| (n.to_string(), InputKind::Node, hash)))
+            .collect();
+        stage_key(&KeyIngredients {
+            stage: node.name,
+            version: node.version,
+            tool_version: &self.tool_version,
+            params_canonical: &node.params_canonical,
+            inputs: &inputs,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &self,
+        cx: &BuildCx<'_>,
+        h: NodeHandle,
+        node: &Node,
+        files: &[HashedFile],
+        upstream: &[Upstream<'_>],
+        key: Hash,
+        forced: bool,
+    ) -> Result<Finished, MatError> {
+        let lookup = |store: &Store| -> Result<Option<StoredResult>, EngineError> {
+            Ok(store.lookup_result(&key)?.and_then(|(r, complete)| complete.then_some(r)))
+        };
+        let mut stored = if forced { None } else { lookup(&self.store).map_err(MatError::Other)? };
+        let mut built = None;
+        if stored.is_none() {
+            let lock = self.store.lock_key(&key).map_err(MatError::Other)?;
+            // Another process (or another node with the same key) may have built it while
+            // we waited for the lock.
+            if !forced {
+                stored = lookup(&self.store).map_err(MatError::Other)?;
+            }
+            if stored.is_none() {
+                if let Some(observer) = cx.opts.observer {
+                    observer(&BuildEvent::Started { node: h });
+                }
+                match self.run_stage(node, files, upstream, key) {
+                    Ok((result, duration)) => {
+                        stored = Some(result);
+                        built = Some(duration);
+                    }
+                    Err(e) => return Ok(Finished::failed(h, Some(key), e)),
+                }
+            }
+            drop(lock);
+        }
+        let Some(result) = stored else {
+            return Ok(Finished::failed(h, Some(key), anyhow!("internal error: no result")));
+        };
+        let plan = match node.materialization_plan(&result.artifacts) {
+            Ok(p) => p,
+            Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
+        };
+        let mut restored = Vec::new();
+        for (dest, _, blob) in &plan {
+            if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == *blob) {
+                continue;
+            }
+            let t = cx.hasher.now_ns();
+            match self.store.restore_blob(blob, dest) {
+                Ok(()) => {}
+                Err(EngineError::CorruptBlob { .. }) => return Err(MatError::CorruptBlob(*blob)),
+                Err(e) => return Err(MatError::Other(e)),
+            }
+            cx.hasher.record_written(dest, *blob, t).map_err(MatError::Other)?;
+            restored.push(dest.clone());
+        }
+
+        let mut inputs: Vec<InputRecord> = files
+            .iter()
+            .map(|f| InputRecord {
+                name: f.name.clone(),
+                kind: InputKind::File,
+                hash: f.hash,
+                identity: f.path.to_string_lossy().into_owned(),
+            })
+            .chain(upstream.iter().map(|u| InputRecord {
+                name: u.input.to_string(),
+                kind: InputKind::Node,
+                hash: u.output_hash,
+                identity: cx.graph.node(u.node).id.to_string(),
+            }))
+            .collect();
+        inputs.sort_by(|a, b| a.name.cmp(&b.name));
+        let record = NodeRecord {
+            stage: node.name.to_string(),
+            stage_version: node.version,
+            tool_version: self.tool_version.clone(),
+            params: node.params.clone(),
+            inputs,
+            key,
+            output_hash: result.output_hash,
+            materializations: plan
+                .iter()
+                .map(|(dest, artifact, blob)| MatRecord {
+                    dest: dest.to_string_lossy().into_owned(),
+                    artifact: artifact.clone(),
+                    blob: *blob,
+                })
+                .collect(),
+        };
+        // A no-op build writes nothing: the record is rewritten only when it changed.
+        let previous = self.store.node_record(&node.id.0).map_err(MatError::Other)?;
+        if previous.as_ref() != Some(&record) {
+            self.store.put_node_record(&node.id.0, &record, cx.hasher.now_ns()).map_err(MatError::Other)?;
+        }
+
+        let outcome = match built {
+            Some(duration) => Outcome::Built { duration },
+            None if restored.is_empty() => Outcome::Fresh,
+            None => Outcome::Restored { paths: restored },
+        };
+        Ok(Finished { done: Done::Ok { output_hash: result.output_hash, artifacts: Arc::new(result.artifacts) }, outcome, key: Some(key) })
+    }
+
+    /// Runs the stage in a scratch directory and commits its outputs to the store.
+    /// Called with the key's lock held.
+    fn run_stage(
+        &self,
+        node: &Node,
+        files: &[HashedFile],
+        upstream: &[Upstream<'_>],
+        key: Hash,
+    ) -> anyhow::Result<(StoredResult, Duration)> {
+        let scratch = self.store.scratch_dir()?;
+        let _cleanup = RemoveDirOnDrop(scratch.clone());
+        let out_dir = scratch.join("out");
+        let temp_dir = scratch.join("work");
+        for d in [&out_dir, &temp_dir] {
+            fs::create_dir_all(d).map_err(|e| EngineError::io("create directory", d, e))?;
+        }
+        let mut ctx = StageContext {
+            stage: node.name,
+            labels: &node.labels,
+            key,
+            files,
+            upstream: upstream.iter().map(|u| (u.input, u.artifacts.as_ref())).collect(),
+            store: &self.store,
+            out_dir: out_dir.clone(),
+            temp_dir,
+            outputs: BTreeSet::new(),
+        };
+        let start = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| node.stage.run(&mut ctx))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(p) => return Err(anyhow!("stage {} panicked: {}", node.name, panic_message(&*p))),
+        }
+        let duration = start.elapsed();
+        // The key was computed from the inputs as they were before the run; if one changed
+        // meanwhile, the outputs may belong to neither version.
+        for f in files {
+            if FileStat::of(&f.path).ok() != Some(f.stat) {
+                return Err(EngineError::InputChangedDuringBuild { input: f.name.clone(), path: f.path.clone() }.into());
+            }
+        }
+        let names = ctx.outputs;
+        for name in &names {
+            let path = out_dir.join(name);
+            if !path.is_file() {
+                return Err(EngineError::MissingOutput { stage: node.name.to_string(), name: name.clone(), path }.into());
+            }
+        }
+        let mut artifacts = BTreeMap::new();
+        let mut sizes = BTreeMap::new();
+        for name in &names {
+            let (hash, size) = self.store.commit_blob(&out_dir.join(name))?;
+            artifacts.insert(name.clone(), hash);
+            sizes.insert(hash, size);
+        }
+        // Checked before the result is recorded, so a stage that forgot an artifact the
+        // caller needs does not leave a result that can never be materialized.
+        node.materialization_plan(&artifacts)?;
+        let result = StoredResult {
+            output_hash: output_set_hash(&artifacts),
+            artifacts,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.store.commit_result(&key, node.name, &result, &sizes, self.clock.now_ns())?;
+        Ok((result, duration))
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

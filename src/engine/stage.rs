@@ -1,0 +1,205 @@
+//! What a stage implements, and what it sees while it runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::hash::Hash;
+use super::stat_cache::FileStat;
+use super::store::Store;
+use super::EngineError;
+
+/// A kind of build step. One value of a type implementing `Stage` (holding its parameters)
+/// is one node's code; its inputs and outputs are wired by [`crate::engine::NodeSpec`].
+///
+/// A stage must be deterministic in its key's ingredients: name, version, [`Stage::params`]
+/// and the content of its inputs. Anything else it reads (environment, clock, absolute
+/// paths of its inputs) must not change its outputs, or cached results will be wrong.
+pub trait Stage: Send + Sync {
+    /// Stable name, `[A-Za-z0-9_.-]+`; part of the key and shown to users.
+    fn name(&self) -> &'static str;
+
+    /// Bump when the stage's code changes what it writes: every result of the old
+    /// version becomes stale ([`crate::engine::StaleReason::StageVersionChanged`]).
+    fn version(&self) -> u32;
+
+    /// The parameters that influence the outputs, as JSON. Object key order does not
+    /// matter (the engine canonicalizes). Must not contain absolute paths: pass files as
+    /// inputs instead, so that only their content enters the key.
+    fn params(&self) -> Value {
+        Value::Object(serde_json::Map::new())
+    }
+
+    /// Does the work: reads inputs and writes outputs through `ctx`. An error (or a panic)
+    /// fails this node and skips its dependents; nothing it wrote is kept.
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()>;
+}
+
+/// A file input after hashing.
+#[derive(Clone, Debug)]
+pub(crate) struct HashedFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub hash: Hash,
+    /// The stat when hashed; compared again after the stage ran.
+    pub stat: FileStat,
+}
+
+/// A stage's view of its inputs and its output directory while it runs.
+pub struct StageContext<'a> {
+    pub(crate) stage: &'static str,
+    pub(crate) labels: &'a [String],
+    pub(crate) key: Hash,
+    pub(crate) files: &'a [HashedFile],
+    /// (input name, upstream artifacts: name -> blob hash).
+    pub(crate) upstream: Vec<(&'a str, &'a BTreeMap<String, Hash>)>,
+    pub(crate) store: &'a Store,
+    pub(crate) out_dir: PathBuf,
+    pub(crate) temp_dir: PathBuf,
+    pub(crate) outputs: BTreeSet<String>,
+}
+
+impl StageContext<'_> {
+    /// The running stage's name.
+    pub fn stage_name(&self) -> &'static str {
+        self.stage
+    }
+
+    /// The labels (runs) of the node, for messages.
+    pub fn labels(&self) -> &[String] {
+        self.labels
+    }
+
+    /// The node's key (hex in [`Hash::to_hex`]), e.g. for a summary file.
+    pub fn key(&self) -> Hash {
+        self.key
+    }
+
+    /// The path of file input `name`.
+    pub fn input_file(&self, name: &str) -> Result<&Path, EngineError> {
+        self.file(name).map(|f| f.path.as_path())
+    }
+
+    /// The content hash of file input `name` (blake3 of its bytes).
+    pub fn input_file_hash(&self, name: &str) -> Result<Hash, EngineError> {
+        self.file(name).map(|f| f.hash)
+    }
+
+    fn file(&self, name: &str) -> Result<&HashedFile, EngineError> {
+        self.files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| EngineError::UnknownInput { stage: self.stage.to_string(), input: name.to_string() })
+    }
+
+    fn upstream(&self, input: &str) -> Result<&BTreeMap<String, Hash>, EngineError> {
+        self.upstream
+            .iter()
+            .find(|(n, _)| *n == input)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| EngineError::UnknownInput { stage: self.stage.to_string(), input: input.to_string() })
+    }
+
+    /// Names and paths of all file inputs, sorted by name.
+    pub fn file_inputs(&self) -> Vec<(&str, &Path)> {
+        let mut v: Vec<(&str, &Path)> = self.files.iter().map(|f| (f.name.as_str(), f.path.as_path())).collect();
+        v.sort();
+        v
+    }
+
+    /// Names of all node inputs, sorted.
+    pub fn node_inputs(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.upstream.iter().map(|(n, _)| *n).collect();
+        v.sort();
+        v
+    }
+
+    /// The blob hash of artifact `artifact` of node input `input`.
+    pub fn input_artifact_hash(&self, input: &str, artifact: &str) -> Result<Hash, EngineError> {
+        let arts = self.upstream(input)?;
+        arts.get(artifact).copied().ok_or_else(|| EngineError::UnknownArtifact {
+            stage: self.stage.to_string(),
+            input: input.to_string(),
+            artifact: artifact.to_string(),
+            available: arts.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The path, inside the store, of artifact `artifact` of node input `input`.
+    /// The file is read-only: copy it to change it.
+    pub fn input_artifact(&self, input: &str, artifact: &str) -> Result<PathBuf, EngineError> {
+        Ok(self.store.blob_path(&self.input_artifact_hash(input, artifact)?))
+    }
+
+    /// Reads artifact `artifact` of node input `input`.
+    pub fn read_input_artifact(&self, input: &str, artifact: &str) -> Result<Vec<u8>, EngineError> {
+        let path = self.input_artifact(input, artifact)?;
+        fs::read(&path).map_err(|e| EngineError::io("read", path, e))
+    }
+
+    /// Every artifact of node input `input` as (name, store path), sorted by name; for
+    /// outputs whose names are not known in advance (one image per dataset entry).
+    pub fn input_artifacts(&self, input: &str) -> Result<Vec<(String, PathBuf)>, EngineError> {
+        Ok(self.upstream(input)?.iter().map(|(name, h)| (name.clone(), self.store.blob_path(h))).collect())
+    }
+
+    /// Registers output artifact `name` (a relative path such as `model.onnx` or
+    /// `visualizations/0000_detected.png`) and returns the temporary path the stage must
+    /// write it to; parent directories exist. The file must exist when `run` returns.
+    pub fn output_path(&mut self, name: &str) -> Result<PathBuf, EngineError> {
+        validate_artifact_name(self.stage, name)?;
+        let path = self.out_dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| EngineError::io("create directory", parent, e))?;
+        }
+        self.outputs.insert(name.to_string());
+        Ok(path)
+    }
+
+    /// Writes output artifact `name` with the given bytes.
+    pub fn write_output(&mut self, name: &str, bytes: impl AsRef<[u8]>) -> Result<(), EngineError> {
+        let path = self.output_path(name)?;
+        fs::write(&path, bytes).map_err(|e| EngineError::io("write", path, e))
+    }
+
+    /// A private, empty directory for intermediate files; removed after the stage ends.
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
+    }
+}
+
+/// Artifact names are relative paths with `/` separators and plain components, so that
+/// materializing one into a directory can never escape it.
+pub(crate) fn validate_artifact_name(stage: &str, name: &str) -> Result<(), EngineError> {
+    let bad = |why| Err(EngineError::InvalidArtifactName { stage: stage.to_string(), name: name.to_string(), why });
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.contains('\\') || name.contains('\0') {
+        return bad("it contains a backslash or NUL; use '/' to separate directories");
+    }
+    if name.starts_with('/') {
+        return bad("it is absolute");
+    }
+    if name.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return bad("it has an empty, '.' or '..' component");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_names() {
+        for ok in ["model.onnx", "visualizations/0000_detected.png", "a/b/c"] {
+            validate_artifact_name("s", ok).unwrap();
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/", "./a", "a\\b"] {
+            assert!(validate_artifact_name("s", bad).is_err(), "{bad:?}");
+        }
+    }
+}

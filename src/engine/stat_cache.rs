@@ -1,0 +1,302 @@
+//! The stat cache: hash each file once, and re-read it only when its stat changed or the
+//! cached hash may be racy (git's racy-clean rule).
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::hash::{hash_file, Hash};
+use super::store::Store;
+use super::EngineError;
+
+/// How much older than the moment of hashing a file's mtime must be for its cached hash
+/// to be trusted. Covers coarse filesystem timestamps (FAT: 2 s; ext4 and tmpfs take
+/// them from the kernel's tick, milliseconds) and small clock skew with network file
+/// systems. A file modified inside this window is simply hashed again next time.
+pub const RACY_MARGIN_NS: i64 = 2_000_000_000;
+
+/// A source of "now", abstracted so freshness tests can move time without sleeping.
+pub trait Clock: Send + Sync {
+    /// Nanoseconds since the Unix epoch.
+    fn now_ns(&self) -> i64;
+}
+
+/// The system's wall clock, the one file timestamps come from.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> i64 {
+        system_time_ns(SystemTime::now())
+    }
+}
+
+fn system_time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The parts of a file's metadata that change when its content may have changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStat {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status-change time, ns since the epoch; catches an mtime set back by `touch -d`.
+    pub ctime_ns: i64,
+    /// Inode number; catches a file replaced by rename.
+    pub inode: u64,
+}
+
+impl FileStat {
+    /// Stats `path`, following symlinks.
+    pub fn of(path: &Path) -> std::io::Result<FileStat> {
+        Ok(FileStat::from_metadata(&std::fs::metadata(path)?))
+    }
+
+    /// Extracts the fields from metadata already read.
+    pub fn from_metadata(m: &Metadata) -> FileStat {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            FileStat {
+                size: m.len(),
+                mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+                ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+                inode: m.ino(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            FileStat { size: m.len(), mtime_ns: m.modified().map(system_time_ns).unwrap_or(0), ctime_ns: 0, inode: 0 }
+        }
+    }
+}
+
+/// A cached hash: the stat the file had and the time the hash was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StatRecord {
+    pub stat: FileStat,
+    pub hash: Hash,
+    /// Clock time taken *before* the file was stat'ed and read.
+    pub recorded_ns: i64,
+}
+
+/// Git's racy-clean rule: trust the record only if the file looks the same and its mtime
+/// was older than the record by the margin. A file rewritten right after it was hashed,
+/// with the same size and an mtime that the filesystem rounded to the same value, looks
+/// unchanged; its mtime is then within the margin of the record, so it is re-read.
+pub(crate) fn is_trusted(record: &StatRecord, current: &FileStat, margin_ns: i64) -> bool {
+    record.stat == *current && current.mtime_ns.saturating_add(margin_ns) <= record.recorded_ns
+}
+
+/// Hashes files through the stat cache. New records are kept in memory and written in
+/// one transaction by [`FileHasher::flush`].
+pub(crate) struct FileHasher {
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    margin_ns: i64,
+    pending: Mutex<HashMap<PathBuf, StatRecord>>,
+    files_read: AtomicUsize,
+    bytes_read: AtomicU64,
+}
+
+impl FileHasher {
+    pub(crate) fn new(store: Arc<Store>, clock: Arc<dyn Clock>, margin_ns: i64) -> Self {
+        FileHasher {
+            store,
+            clock,
+            margin_ns,
+            pending: Mutex::new(HashMap::new()),
+            files_read: AtomicUsize::new(0),
+            bytes_read: AtomicU64::new(0),
+        }
+    }
+
+    /// The content hash of the file at `path` (absolute), and the stat it had.
+    pub(crate) fn hash(&self, path: &Path) -> Result<(Hash, FileStat), EngineError> {
+        let before = self.clock.now_ns();
+        let stat = FileStat::of(path).map_err(|e| EngineError::io("stat", path, e))?;
+        if let Some(record) = self.cached(path)? {
+            if is_trusted(&record, &stat, self.margin_ns) {
+                return Ok((record.hash, stat));
+            }
+        }
+        let hash = hash_file(path).map_err(|e| EngineError::io("read", path, e))?;
+        self.files_read.fetch_add(1, Ordering::Relaxed);
+        self.bytes_read.fetch_add(stat.size, Ordering::Relaxed);
+        let after = FileStat::of(path).map_err(|e| EngineError::io("stat", path, e))?;
+        // A file that changed while being read has no well-defined hash to cache; the
+        // hash is still returned, and whoever uses it re-checks the stat afterwards.
+        if after == stat {
+            self.remember(path, StatRecord { stat, hash, recorded_ns: before });
+        }
+        Ok((hash, stat))
+    }
+
+    /// Records the hash of a file the engine itself just wrote with known content, taking
+    /// its stat now. The time recorded is the time the write started (`written_ns`),
+    /// so a file written within the racy window is re-read once later.
+    pub(crate) fn record_written(&self, path: &Path, hash: Hash, written_ns: i64) -> Result<(), EngineError> {
+        let stat = FileStat::of(path).map_err(|e| EngineError::io("stat", path, e))?;
+        self.remember(path, StatRecord { stat, hash, recorded_ns: written_ns });
+        Ok(())
+    }
+
+    pub(crate) fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
+    }
+
+    fn cached(&self, path: &Path) -> Result<Option<StatRecord>, EngineError> {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = pending.get(path) {
+            return Ok(Some(*r));
+        }
+        drop(pending);
+        match path.to_str() {
+            Some(p) => self.store.stat_get(p),
+            None => Ok(None),
+        }
+    }
+
+    fn remember(&self, path: &Path, record: StatRecord) {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(path.to_path_buf(), record);
+    }
+
+    /// Writes the new records in one transaction. Paths that are not UTF-8 are not cached.
+    pub(crate) fn flush(&self) -> Result<(), EngineError> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let rows: Vec<(String, StatRecord)> = pending.into_iter().filter_map(|(p, r)| p.to_str().map(|s| (s.to_string(), r))).collect();
+        self.store.stat_put_many(&rows)
+    }
+
+    /// How many files were actually read (not answered from the cache).
+    pub(crate) fn files_read(&self) -> usize {
+        self.files_read.load(Ordering::Relaxed)
+    }
+
+    /// How many bytes those files had.
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::hash::hash_bytes;
+    use std::sync::atomic::AtomicI64;
+
+    /// A clock the test sets by hand.
+    struct ManualClock(AtomicI64);
+    impl Clock for ManualClock {
+        fn now_ns(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    const S: i64 = 1_000_000_000;
+
+    fn stat(mtime_ns: i64) -> FileStat {
+        FileStat { size: 10, mtime_ns, ctime_ns: mtime_ns, inode: 7 }
+    }
+
+    #[test]
+    fn racy_rule_on_pure_records() {
+        let h = hash_bytes(b"x");
+        let rec = StatRecord { stat: stat(100 * S), hash: h, recorded_ns: 100 * S + S / 2 };
+        // Hashed half a second after the write: racy, never trusted, however much later we look.
+        assert!(!is_trusted(&rec, &stat(100 * S), RACY_MARGIN_NS));
+        let old = StatRecord { recorded_ns: 103 * S, ..rec };
+        assert!(is_trusted(&old, &stat(100 * S), RACY_MARGIN_NS));
+        // Exactly at the margin counts as old enough.
+        let edge = StatRecord { recorded_ns: 102 * S, ..rec };
+        assert!(is_trusted(&edge, &stat(100 * S), RACY_MARGIN_NS));
+        // Any stat difference: not trusted.
+        for changed in [
+            FileStat { size: 11, ..stat(100 * S) },
+            FileStat { inode: 8, ..stat(100 * S) },
+            FileStat { ctime_ns: 105 * S, ..stat(100 * S) },
+            stat(101 * S),
+        ] {
+            assert!(!is_trusted(&old, &changed, RACY_MARGIN_NS), "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn racy_record_is_reread_then_trusted_once_time_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+        let file = dir.path().join("checkpoint.pth");
+        std::fs::write(&file, b"weights v1").unwrap();
+        let mtime = FileStat::of(&file).unwrap().mtime_ns;
+        let clock = Arc::new(ManualClock(AtomicI64::new(mtime)));
+
+        // Hashed in the same instant the file was written: a racy record.
+        let hasher = FileHasher::new(store.clone(), clock.clone(), RACY_MARGIN_NS);
+        assert_eq!(hasher.hash(&file).unwrap().0, hash_bytes(b"weights v1"));
+        hasher.flush().unwrap();
+        assert_eq!(hasher.files_read(), 1);
+
+        // Much later, the stat is unchanged but the record is racy: read again, and the
+        // new record (taken long after the write) is trusted from then on.
+        clock.0.store(mtime + 60 * S, Ordering::SeqCst);
+        let hasher = FileHasher::new(store.clone(), clock.clone(), RACY_MARGIN_NS);
+        hasher.hash(&file).unwrap();
+        hasher.flush().unwrap();
+        assert_eq!(hasher.files_read(), 1);
+
+        let hasher = FileHasher::new(store.clone(), clock.clone(), RACY_MARGIN_NS);
+        assert_eq!(hasher.hash(&file).unwrap().0, hash_bytes(b"weights v1"));
+        assert_eq!(hasher.files_read(), 0, "an unchanged, old file must not be re-read");
+        assert_eq!(hasher.bytes_read(), 0);
+
+        // A content change that keeps the size is caught by mtime/ctime.
+        std::fs::write(&file, b"weights v2").unwrap();
+        clock.0.store(mtime + 120 * S, Ordering::SeqCst);
+        let hasher = FileHasher::new(store, clock, RACY_MARGIN_NS);
+        assert_eq!(hasher.hash(&file).unwrap().0, hash_bytes(b"weights v2"));
+        assert_eq!(hasher.files_read(), 1);
+    }
+
+    #[test]
+    fn racy_rewrite_with_identical_stat_is_detected() {
+        // The case the rule exists for: the file is rewritten after hashing and the
+        // filesystem reports exactly the same stat (coarse timestamps). Simulated by
+        // putting a record in the cache whose stat matches the file but whose hash is
+        // of the old content, taken within the margin of the mtime.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+        let file = dir.path().join("config.yaml");
+        std::fs::write(&file, b"lr: 0.2").unwrap();
+        let st = FileStat::of(&file).unwrap();
+        let stale = StatRecord { stat: st, hash: hash_bytes(b"lr: 0.1"), recorded_ns: st.mtime_ns + S / 100 };
+        store.stat_put_many(&[(file.to_str().unwrap().to_string(), stale)]).unwrap();
+
+        let clock = Arc::new(ManualClock(AtomicI64::new(st.mtime_ns + 3600 * S)));
+        let hasher = FileHasher::new(store.clone(), clock.clone(), RACY_MARGIN_NS);
+        assert_eq!(hasher.hash(&file).unwrap().0, hash_bytes(b"lr: 0.2"));
+
+        // Whereas a record old enough is believed (which is why the margin matters).
+        let old = StatRecord { recorded_ns: st.mtime_ns + 3 * S, ..stale };
+        store.stat_put_many(&[(file.to_str().unwrap().to_string(), old)]).unwrap();
+        let hasher = FileHasher::new(store, clock, RACY_MARGIN_NS);
+        assert_eq!(hasher.hash(&file).unwrap().0, hash_bytes(b"lr: 0.1"));
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+        let hasher = FileHasher::new(store, Arc::new(SystemClock), RACY_MARGIN_NS);
+        let missing = dir.path().join("best_model.pth");
+        let err = hasher.hash(&missing).unwrap_err().to_string();
+        assert!(err.contains("best_model.pth"), "{err}");
+    }
+}

@@ -1,0 +1,692 @@
+//! The store: content-addressed blobs on disk, indexed by a SQLite database.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::hash::{hash_file, Hash, InputKind};
+use super::stat_cache::{FileStat, StatRecord};
+use super::EngineError;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+/// Append only: never edit a released entry, add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE blobs (
+        hash TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        created_ns INTEGER NOT NULL
+    );
+    CREATE TABLE results (
+        key TEXT PRIMARY KEY,
+        stage TEXT NOT NULL,
+        output_hash TEXT NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        created_ns INTEGER NOT NULL
+    );
+    CREATE TABLE result_artifacts (
+        key TEXT NOT NULL REFERENCES results(key) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        PRIMARY KEY (key, name)
+    );
+    CREATE INDEX result_artifacts_blob ON result_artifacts(blob);
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        stage TEXT NOT NULL,
+        key TEXT NOT NULL,
+        record TEXT NOT NULL,
+        updated_ns INTEGER NOT NULL
+    );
+    CREATE INDEX nodes_key ON nodes(key);
+    CREATE TABLE materializations (
+        dest TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        artifact TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        updated_ns INTEGER NOT NULL
+    );
+    CREATE INDEX materializations_node ON materializations(node_id);
+    CREATE INDEX materializations_blob ON materializations(blob);
+    CREATE TABLE stat_cache (
+        path TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        recorded_ns INTEGER NOT NULL
+    );",
+];
+
+/// How long a writer waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A materialization temp file untouched for this long belongs to a dead process.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+
+static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// What the store knows about one built key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StoredResult {
+    pub output_hash: Hash,
+    /// Artifact name -> blob hash.
+    pub artifacts: BTreeMap<String, Hash>,
+    pub duration_ms: u64,
+}
+
+/// The last successful build of a node, kept to explain why it is stale now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct NodeRecord {
+    pub stage: String,
+    pub stage_version: u32,
+    pub tool_version: String,
+    pub params: Value,
+    pub inputs: Vec<InputRecord>,
+    pub key: Hash,
+    pub output_hash: Hash,
+    pub materializations: Vec<MatRecord>,
+}
+
+/// One input as it was at the last build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InputRecord {
+    pub name: String,
+    pub kind: InputKind,
+    /// Content hash (file) or upstream output hash (node).
+    pub hash: Hash,
+    /// The file's absolute path, or the upstream's node id.
+    pub identity: String,
+}
+
+/// One materialized file as it was written at the last build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MatRecord {
+    pub dest: String,
+    pub artifact: String,
+    pub blob: Hash,
+}
+
+/// A content-addressed artifact store: a directory holding `store.sqlite` and `blobs/`.
+/// Open one per process (or per thread, in tests); any number may share a directory.
+pub struct Store {
+    root: PathBuf,
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+    session_dir: PathBuf,
+    session_lock_path: PathBuf,
+    /// Held for the store's lifetime; tells other processes the session dir is in use.
+    _session_lock: File,
+    scratch_counter: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`, migrates its schema and removes the
+    /// scratch files of processes that died.
+    pub fn open(root: &Path) -> Result<Store, EngineError> {
+        for sub in ["", "blobs", "tmp", "locks"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
+        }
+        let root = fs::canonicalize(root).map_err(|e| EngineError::io("resolve", root, e))?;
+        let db_path = root.join("store.sqlite");
+        let sql = |e| EngineError::Sqlite { path: db_path.clone(), source: e };
+        let mut conn = Connection::open(&db_path).map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(sql)?;
+        // NORMAL in WAL mode keeps the database consistent on a crash; a power cut may
+        // lose the last transactions, which only means rebuilding those results.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        migrate(&mut conn, &db_path)?;
+
+        let tmp = root.join("tmp");
+        let (session_dir, session_lock_path, session_lock) = new_session(&tmp)?;
+        let store = Store {
+            root,
+            db_path,
+            conn: Mutex::new(conn),
+            session_dir,
+            session_lock_path,
+            _session_lock: session_lock,
+            scratch_counter: AtomicU64::new(0),
+        };
+        store.remove_dead_sessions();
+        Ok(store)
+    }
+
+    /// The store's directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the SQLite database.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// Where the blob with this hash lives.
+    pub(crate) fn blob_path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("blobs").join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Runs `f` on the connection, mapping errors to [`EngineError::Sqlite`].
+    pub(crate) fn db<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, EngineError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut conn).map_err(|e| EngineError::Sqlite { path: self.db_path.clone(), source: e })
+    }
+
+    fn corrupt(&self, what: String) -> EngineError {
+        EngineError::CorruptRecord { path: self.db_path.clone(), what }
+    }
+
+    fn parse_hash(&self, s: &str, what: &str) -> Result<Hash, EngineError> {
+        Hash::from_hex(s).ok_or_else(|| self.corrupt(format!("{what}: not a hash: {s:?}")))
+    }
+
+    /// A fresh, empty directory in this process's scratch space.
+    pub(crate) fn scratch_dir(&self) -> Result<PathBuf, EngineError> {
+        let n = self.scratch_counter.fetch_add(1, Ordering::Relaxed);
+        let dir = self.session_dir.join(n.to_string());
+        fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// Moves a finished file into the blob store; returns its hash and size. The file is
+    /// fsynced first, so a blob under its final name is always complete. Nothing is
+    /// recorded in the database here: see [`Store::commit_result`].
+    pub(crate) fn commit_blob(&self, temp: &Path) -> Result<(Hash, u64), EngineError> {
+        let file = File::open(temp).map_err(|e| EngineError::io("open", temp, e))?;
+        file.sync_all().map_err(|e| EngineError::io("fsync", temp, e))?;
+        let meta = file.metadata().map_err(|e| EngineError::io("stat", temp, e))?;
+        drop(file);
+        let size = meta.len();
+        let hash = hash_file(temp).map_err(|e| EngineError::io("read", temp, e))?;
+        let dest = self.blob_path(&hash);
+        if fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
+            // Already stored (same content built before, or by another node).
+            fs::remove_file(temp).map_err(|e| EngineError::io("remove", temp, e))?;
+            return Ok((hash, size));
+        }
+        let parent = dest.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).map_err(|e| EngineError::io("create directory", parent, e))?;
+        // Read-only, so that a stage that opens an input artifact for writing fails
+        // instead of corrupting the store.
+        let mut perms = meta.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(temp, perms).map_err(|e| EngineError::io("set permissions of", temp, e))?;
+        fs::rename(temp, &dest).map_err(|e| EngineError::io("move into the store", &dest, e))?;
+        sync_dir(parent);
+        Ok((hash, size))
+    }
+
+    /// The result stored under `key`, if any, and whether all its blobs are on disk.
+    pub(crate) fn lookup_result(&self, key: &Hash) -> Result<Option<(StoredResult, bool)>, EngineError> {
+        let k = key.to_hex();
+        let row = self.db(|c| {
+            let head = c
+                .prepare_cached("SELECT output_hash, duration_ms FROM results WHERE key = ?1")?
+                .query_row([&k], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .optional()?;
+            let Some(head) = head else { return Ok(None) };
+            let mut stmt = c.prepare_cached("SELECT name, blob FROM result_artifacts WHERE key = ?1")?;
+            let arts =
+                stmt.query_map([&k], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((head, arts)))
+        })?;
+        let Some(((output_hash, duration_ms), arts)) = row else {
+            return Ok(None);
+        };
+        let mut artifacts = BTreeMap::new();
+        for (name, blob) in arts {
+            artifacts.insert(name, self.parse_hash(&blob, "result artifact")?);
+        }
+        let present = artifacts.values().all(|h| self.blob_path(h).is_file());
+        let result = StoredResult {
+            output_hash: self.parse_hash(&output_hash, "result output hash")?,
+            artifacts,
+            duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+        };
+        Ok(Some((result, present)))
+    }
+
+    /// The bytes of artifact `name` of the result stored under `key` (for reports that read
+    /// a stage's output after a build).
+    pub fn read_artifact(&self, key: &Hash, name: &str) -> Result<Vec<u8>, EngineError> {
+        let (result, _) = self.lookup_result(key)?.ok_or_else(|| self.corrupt(format!("no result for key {}", key.to_hex())))?;
+        let hash = result.artifacts.get(name).ok_or_else(|| self.corrupt(format!("result {} has no artifact {name}", key.to_hex())))?;
+        let path = self.blob_path(hash);
+        fs::read(&path).map_err(|e| EngineError::io("read", path, e))
+    }
+
+    /// Records a built result. Call only after every blob went through
+    /// [`Store::commit_blob`]; `sizes` gives each blob's size.
+    pub(crate) fn commit_result(
+        &self,
+        key: &Hash,
+        stage: &str,
+        result: &StoredResult,
+        sizes: &BTreeMap<Hash, u64>,
+        now_ns: i64,
+    ) -> Result<(), EngineError> {
+        let k = key.to_hex();
+        self.db(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut blob = tx.prepare_cached("INSERT OR IGNORE INTO blobs (hash, size, created_ns) VALUES (?1, ?2, ?3)")?;
+                for (hash, size) in sizes {
+                    blob.execute(params![hash.to_hex(), *size as i64, now_ns])?;
+                }
+                tx.execute("DELETE FROM result_artifacts WHERE key = ?1", [&k])?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO results (key, stage, output_hash, duration_ms, created_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![k, stage, result.output_hash.to_hex(), result.duration_ms as i64, now_ns],
+                )?;
+                let mut art = tx.prepare_cached("INSERT INTO result_artifacts (key, name, blob) VALUES (?1, ?2, ?3)")?;
+                for (name, hash) in &result.artifacts {
+                    art.execute(params![k, name, hash.to_hex()])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Forgets a blob found missing or corrupt: deletes the file and every result that
+    /// uses it, so the next lookup misses and the stage runs again.
+    pub(crate) fn forget_blob(&self, hash: &Hash) -> Result<(), EngineError> {
+        let path = self.blob_path(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EngineError::io("remove", &path, e)),
+        }
+        let h = hash.to_hex();
+        self.db(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM results WHERE key IN (SELECT key FROM result_artifacts WHERE blob = ?1)", [&h])?;
+            tx.execute("DELETE FROM blobs WHERE hash = ?1", [&h])?;
+            tx.commit()
+        })
+    }
+
+    /// The record of the node's last successful build.
+    pub(crate) fn node_record(&self, node_id: &Hash) -> Result<Option<NodeRecord>, EngineError> {
+        let json = self.db(|c| {
+            c.prepare_cached("SELECT record FROM nodes WHERE node_id = ?1")?
+                .query_row([node_id.to_hex()], |r| r.get::<_, String>(0))
+                .optional()
+        })?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| self.corrupt(format!("node {}: {e}", node_id.short())))).transpose()
+    }
+
+    /// Replaces the node's record and its materialization rows in one transaction.
+    pub(crate) fn put_node_record(&self, node_id: &Hash, rec: &NodeRecord, now_ns: i64) -> Result<(), EngineError> {
+        let json = serde_json::to_string(rec).map_err(|e| self.corrupt(format!("node {}: cannot encode record: {e}", node_id.short())))?;
+        let id = node_id.to_hex();
+        self.db(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO nodes (node_id, stage, key, record, updated_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, rec.stage, rec.key.to_hex(), json, now_ns],
+            )?;
+            tx.execute("DELETE FROM materializations WHERE node_id = ?1", [&id])?;
+            {
+                let mut m = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO materializations (dest, node_id, artifact, blob, updated_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for mat in &rec.materializations {
+                    m.execute(params![mat.dest, id, mat.artifact, mat.blob.to_hex(), now_ns])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// The stat cache's record for `path`.
+    pub(crate) fn stat_get(&self, path: &str) -> Result<Option<StatRecord>, EngineError> {
+        let row = self.db(|c| {
+            c.prepare_cached("SELECT size, mtime_ns, ctime_ns, inode, hash, recorded_ns FROM stat_cache WHERE path = ?1")?
+                .query_row([path], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                })
+                .optional()
+        })?;
+        let Some((size, mtime_ns, ctime_ns, inode, hash, recorded_ns)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(StatRecord {
+            // Bit-preserving casts: SQLite integers are signed.
+            stat: FileStat { size: size as u64, mtime_ns, ctime_ns, inode: inode as u64 },
+            hash: self.parse_hash(&hash, "stat cache")?,
+            recorded_ns,
+        }))
+    }
+
+    /// Writes stat cache records in one transaction.
+    pub(crate) fn stat_put_many(&self, rows: &[(String, StatRecord)]) -> Result<(), EngineError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.db(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut s = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ctime_ns, inode, hash, recorded_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for (path, r) in rows {
+                    s.execute(params![
+                        path,
+                        r.stat.size as i64,
+                        r.stat.mtime_ns,
+                        r.stat.ctime_ns,
+                        r.stat.inode as i64,
+                        r.hash.to_hex(),
+                        r.recorded_ns
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Blocks until this process holds the build lock of `key`. The lock is released when
+    /// the returned file is dropped, or by the OS if the process dies.
+    pub(crate) fn lock_key(&self, key: &Hash) -> Result<File, EngineError> {
+        self.lock_file(&format!("{}.lock", key.to_hex()), false)
+    }
+
+    /// The store-wide lock: shared by builds, exclusive for gc.
+    pub(crate) fn lock_gc(&self, exclusive: bool) -> Result<File, EngineError> {
+        self.lock_file("gc.lock", !exclusive)
+    }
+
+    fn lock_file(&self, name: &str, shared: bool) -> Result<File, EngineError> {
+        let path = self.root.join("locks").join(name);
+        let f =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| EngineError::io("open lock", &path, e))?;
+        let locked = if shared { f.lock_shared() } else { f.lock() };
+        locked.map_err(|e| EngineError::io("lock", &path, e))?;
+        Ok(f)
+    }
+
+    /// Copies blob `hash` to `dest` atomically (temp file in dest's directory, fsync,
+    /// rename), verifying the bytes against the hash on the way. A missing or corrupt
+    /// blob gives [`EngineError::CorruptBlob`] and leaves `dest` untouched.
+    pub(crate) fn restore_blob(&self, hash: &Hash, dest: &Path) -> Result<(), EngineError> {
+        let blob = self.blob_path(hash);
+        let parent =
+            dest.parent().ok_or_else(|| EngineError::io("write", dest, std::io::Error::other("destination has no parent directory")))?;
+        fs::create_dir_all(parent).map_err(|e| EngineError::io("create directory", parent, e))?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let prefix = format!(".{name}.mkonnx-tmp-");
+        remove_stale_temps(parent, &prefix);
+        let tmp = parent.join(format!("{prefix}{}-{}", std::process::id(), SESSION_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let guard = RemoveOnDrop(Some(tmp.clone()));
+        let corrupt = || EngineError::CorruptBlob { path: blob.clone() };
+        let mut src = File::open(&blob).map_err(|_| corrupt())?;
+        let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| EngineError::io("create", &tmp, e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = src.read(&mut buf).map_err(|_| corrupt())?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| EngineError::io("write", &tmp, e))?;
+        }
+        if Hash::from(hasher.finalize()) != *hash {
+            return Err(corrupt());
+        }
+        out.sync_all().map_err(|e| EngineError::io("fsync", &tmp, e))?;
+        drop(out);
+        fs::rename(&tmp, dest).map_err(|e| EngineError::io("write", dest, e))?;
+        guard.disarm();
+        sync_dir(parent);
+        Ok(())
+    }
+
+    /// Removes scratch sessions whose owner died (their lock can be taken). Best effort:
+    /// anything left is tried again next time.
+    pub(crate) fn remove_dead_sessions(&self) -> usize {
+        let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path == self.session_dir || path == self.session_lock_path {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".lock") {
+                let Ok(f) = File::open(&path) else { continue };
+                match f.try_lock() {
+                    Ok(()) => {
+                        let _ = fs::remove_dir_all(tmp.join(id));
+                        let _ = fs::remove_file(&path);
+                        removed += 1;
+                    }
+                    Err(TryLockError::WouldBlock) | Err(TryLockError::Error(_)) => {}
+                }
+            } else if name.starts_with('.') && name.ends_with(".locking") {
+                // A session that died between creating and publishing its lock.
+                if is_older_than(&path, Duration::from_secs(60)) {
+                    let _ = fs::remove_file(&path);
+                }
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) && !tmp.join(format!("{name}.lock")).exists() {
+                // Sessions publish their lock before creating their directory, so a
+                // directory without a lock file belongs to nobody.
+                let _ = fs::remove_dir_all(&path);
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.session_dir);
+        let _ = fs::remove_file(&self.session_lock_path);
+    }
+}
+
+fn migrate(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
+    let sql = |e| EngineError::Sqlite { path: db_path.to_path_buf(), source: e };
+    // Immediate: two processes opening a new store must not both run migration 1.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+    let found: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
+    let known = MIGRATIONS.len() as u32;
+    if found > known {
+        return Err(EngineError::SchemaTooNew { path: db_path.to_path_buf(), found, known });
+    }
+    for migration in &MIGRATIONS[found as usize..] {
+        tx.execute_batch(migration).map_err(sql)?;
+    }
+    if found < known {
+        tx.pragma_update(None, "user_version", known).map_err(sql)?;
+    }
+    tx.commit().map_err(sql)
+}
+
+/// Creates this process's scratch session: its lock file is locked *before* it gets its
+/// public name, so another process never sees an unlocked live session.
+fn new_session(tmp: &Path) -> Result<(PathBuf, PathBuf, File), EngineError> {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let id = format!("{}-{}-{}", std::process::id(), nanos, SESSION_COUNTER.fetch_add(1, Ordering::Relaxed));
+    let locking = tmp.join(format!(".{id}.locking"));
+    let lock_path = tmp.join(format!("{id}.lock"));
+    let dir = tmp.join(&id);
+    let f = File::create(&locking).map_err(|e| EngineError::io("create", &locking, e))?;
+    f.lock().map_err(|e| EngineError::io("lock", &locking, e))?;
+    fs::rename(&locking, &lock_path).map_err(|e| EngineError::io("rename", &lock_path, e))?;
+    fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
+    Ok((dir, lock_path, f))
+}
+
+fn is_older_than(path: &Path, age: Duration) -> bool {
+    fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|e| e > age)
+}
+
+/// Removes materialization temp files (`prefix*`) left in `dir` by killed processes.
+/// A live writer keeps touching its file, so only old ones are taken.
+fn remove_stale_temps(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) && is_older_than(&entry.path(), STALE_TEMP_AGE) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Makes a rename durable. Best effort: some filesystems cannot fsync directories, and
+/// losing a rename on power loss only costs a rebuild.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::hash::hash_bytes;
+
+    #[test]
+    fn open_migrates_once_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let v: u32 = s.db(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        let mode: String = s.db(|c| c.pragma_query_value(None, "journal_mode", |r| r.get(0))).unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+        drop(s);
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.db(|c| c.pragma_update(None, "user_version", 99)).unwrap();
+        drop(s);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, EngineError::SchemaTooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn blobs_round_trip_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("store")).unwrap();
+        let scratch = s.scratch_dir().unwrap();
+        let tmp = scratch.join("a");
+        fs::write(&tmp, b"artifact bytes").unwrap();
+        let (h, size) = s.commit_blob(&tmp).unwrap();
+        assert_eq!(h, hash_bytes(b"artifact bytes"));
+        assert_eq!(size, 14);
+        assert!(!tmp.exists());
+        let blob = s.blob_path(&h);
+        assert!(fs::metadata(&blob).unwrap().permissions().readonly());
+
+        let dest = dir.path().join("run/onnx_model/model.onnx");
+        s.restore_blob(&h, &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"artifact bytes");
+        assert!(!fs::metadata(&dest).unwrap().permissions().readonly());
+
+        // Flip the blob's content behind the store's back.
+        let mut p = fs::metadata(&blob).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        p.set_readonly(false);
+        fs::set_permissions(&blob, p).unwrap();
+        fs::write(&blob, b"artifact bytez").unwrap();
+        fs::write(&dest, b"user edit").unwrap();
+        let err = s.restore_blob(&h, &dest).unwrap_err();
+        assert!(matches!(err, EngineError::CorruptBlob { .. }), "{err}");
+        assert_eq!(fs::read(&dest).unwrap(), b"user edit", "a failed restore must not touch dest");
+        let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn dead_sessions_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        let a_scratch = a.scratch_dir().unwrap();
+        fs::write(a_scratch.join("partial.onnx"), b"half").unwrap();
+        // A dead process's session: a directory with an unlocked lock file, and one
+        // with no lock file at all.
+        let tmp = dir.path().join("tmp");
+        fs::create_dir_all(tmp.join("1-2-3/0")).unwrap();
+        fs::write(tmp.join("1-2-3/0/model.onnx"), b"half").unwrap();
+        fs::write(tmp.join("1-2-3.lock"), b"").unwrap();
+        fs::create_dir_all(tmp.join("4-5-6")).unwrap();
+
+        let b = Store::open(dir.path()).unwrap();
+        assert!(!tmp.join("1-2-3").exists());
+        assert!(!tmp.join("1-2-3.lock").exists());
+        assert!(!tmp.join("4-5-6").exists());
+        assert!(a_scratch.join("partial.onnx").exists(), "a live session is left alone");
+        drop(a);
+        drop(b);
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "closed stores clean up after themselves");
+    }
+
+    #[test]
+    fn key_lock_excludes_a_second_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let key = hash_bytes(b"k");
+        let held = s.lock_key(&key).unwrap();
+        let path = dir.path().join("locks").join(format!("{}.lock", key.to_hex()));
+        let other = File::open(&path).unwrap();
+        assert!(matches!(other.try_lock(), Err(TryLockError::WouldBlock)));
+        drop(held);
+        other.try_lock().unwrap();
+    }
+}

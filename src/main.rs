@@ -1,0 +1,5 @@
+//! The `mkonnx` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    mkonnx::cli::main()
+}

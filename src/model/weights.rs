@@ -1,0 +1,80 @@
+//! The model's weights: float32 tensors addressed by their state_dict path.
+
+use std::collections::HashMap;
+
+/// Errors about the weights a model description asks for.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    /// The description needs a tensor the checkpoint does not have.
+    #[error("the checkpoint has no tensor `{0}` (is the architecture right?)")]
+    Missing(String),
+    /// A tensor has another shape than the architecture implies.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected}")]
+    Shape {
+        /// state_dict path.
+        name: String,
+        /// What the checkpoint holds.
+        found: Vec<usize>,
+        /// What was expected, in words.
+        expected: String,
+    },
+}
+
+/// A float32 tensor from the checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// All tensors of a state_dict, converted to float32, by name (wrapper keys and
+/// `module.`/`model.` prefixes already removed by the checkpoint reader).
+#[derive(Clone, Debug, Default)]
+pub struct Weights {
+    tensors: HashMap<String, WeightTensor>,
+}
+
+impl Weights {
+    /// Builds from (name, tensor) pairs.
+    pub fn new(tensors: impl IntoIterator<Item = (String, WeightTensor)>) -> Self {
+        Weights { tensors: tensors.into_iter().collect() }
+    }
+
+    /// The tensor at `name`, or a [`WeightError::Missing`].
+    pub fn get(&self, name: &str) -> Result<&WeightTensor, WeightError> {
+        self.tensors.get(name).ok_or_else(|| WeightError::Missing(name.to_string()))
+    }
+
+    /// Whether `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All names (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
+
+impl Weights {
+    /// Converts a checkpoint's state dict: floating tensors to float32; integer buffers
+    /// (`num_batches_tracked`) are kept as float32 too, they are only looked at for presence.
+    pub fn from_state_dict(sd: crate::data::checkpoint::StateDict) -> Self {
+        Weights::new(sd.into_tensors().into_iter().map(|(name, t)| {
+            let data = t.to_f32();
+            (name, WeightTensor { shape: t.shape().to_vec(), data })
+        }))
+    }
+}

@@ -1,0 +1,637 @@
+//! FasterRCNN → ONNX: the whole of torchvision's eager inference inside one graph.
+//!
+//! Interface (DESIGN section 2): `input` float32 [B, 3, H, W] in 0..1; outputs `location`
+//! [B, N, 4] (x1, y1, x2, y2 divided by W and H), `score` [B, N], `category` int64 [B, N].
+//! B, H, W and N are dynamic. All images of a batch share H and W, so they share one resize;
+//! per-image ragged results (proposals, detections) are carried as padded [B, K] tensors with a
+//! validity mask, and rows past an image's own detection count come out as zeros.
+//!
+//! Each step mirrors torchvision's code, including its float32/float64 arithmetic where it
+//! decides discrete outcomes (the resize size, RoI levels), so sizes and levels are exact.
+
+use super::builder::{Dim, GraphBuilder, Value};
+use super::ops::ConvParams;
+use super::proto::{DataType, ModelProto};
+use crate::model::anchors::cell_anchors;
+use crate::model::arch::*;
+use crate::model::network::{self, Backend};
+use crate::model::weights::{WeightError, Weights};
+use crate::model::Detector;
+use std::collections::HashSet;
+
+/// Emits the network layers (the [`Backend`] operations) as ONNX nodes, adding each weight as
+/// an initializer named by its state_dict path the first time it is used.
+pub struct OnnxBackend<'a> {
+    /// The graph under construction.
+    pub g: &'a mut GraphBuilder,
+    weights: &'a Weights,
+    added: HashSet<String>,
+}
+
+impl<'a> OnnxBackend<'a> {
+    /// A backend writing into `g`, taking tensors from `weights`.
+    pub fn new(g: &'a mut GraphBuilder, weights: &'a Weights) -> Self {
+        OnnxBackend { g, weights, added: HashSet::new() }
+    }
+
+    fn weight(&mut self, name: &str, rank: usize) -> Result<(Value, Vec<usize>), WeightError> {
+        let t = self.weights.get(name)?;
+        if t.shape.len() != rank {
+            return Err(WeightError::Shape { name: name.into(), found: t.shape.clone(), expected: format!("{rank} dimensions") });
+        }
+        if self.added.insert(name.to_string()) {
+            self.g.initializer_f32(name, &t.shape, &t.data);
+        }
+        Ok((Value(name.to_string()), t.shape.clone()))
+    }
+}
+
+impl Backend for OnnxBackend<'_> {
+    type Tensor = Value;
+
+    fn conv2d(&mut self, x: &Value, path: &str, bias: bool, stride: i64, padding: i64, groups: i64) -> Result<Value, WeightError> {
+        let (w, shape) = self.weight(&format!("{path}.weight"), 4)?;
+        let b = if bias { Some(self.weight(&format!("{path}.bias"), 1)?.0) } else { None };
+        Ok(self.g.conv(x, &w, b.as_ref(), shape[2] as i64, ConvParams { stride, padding, groups }))
+    }
+
+    fn batch_norm(&mut self, x: &Value, path: &str) -> Result<Value, WeightError> {
+        let scale = self.weight(&format!("{path}.weight"), 1)?.0;
+        let bias = self.weight(&format!("{path}.bias"), 1)?.0;
+        let mean = self.weight(&format!("{path}.running_mean"), 1)?.0;
+        let var = self.weight(&format!("{path}.running_var"), 1)?.0;
+        Ok(self.g.batch_norm(x, &scale, &bias, &mean, &var, BATCH_NORM_EPS))
+    }
+
+    fn linear(&mut self, x: &Value, path: &str) -> Result<Value, WeightError> {
+        let w = self.weight(&format!("{path}.weight"), 2)?.0;
+        let b = self.weight(&format!("{path}.bias"), 1)?.0;
+        Ok(self.g.linear(x, &w, &b))
+    }
+
+    fn relu(&mut self, x: &Value) -> Value {
+        self.g.relu(x)
+    }
+    fn hardswish(&mut self, x: &Value) -> Value {
+        self.g.hard_swish(x)
+    }
+    fn hardsigmoid(&mut self, x: &Value) -> Value {
+        self.g.hard_sigmoid(x)
+    }
+    fn add(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.add(a, b)
+    }
+    fn mul(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.mul(a, b)
+    }
+    fn max_pool2d(&mut self, x: &Value, kernel: i64, stride: i64, padding: i64) -> Value {
+        self.g.max_pool(x, kernel, stride, padding)
+    }
+    fn global_avg_pool(&mut self, x: &Value) -> Value {
+        self.g.global_average_pool(x)
+    }
+    fn upsample_nearest_like(&mut self, x: &Value, like: &Value) -> Value {
+        let sizes = self.g.shape(like);
+        self.g.resize_nearest(x, &sizes)
+    }
+    fn flatten(&mut self, x: &Value) -> Value {
+        self.g.flatten(x, 1)
+    }
+}
+
+/// Builds the complete ONNX model for `detector`.
+pub fn export(detector: &Detector) -> Result<ModelProto, WeightError> {
+    let mut g = GraphBuilder::new();
+    let input = g.input("input", DataType::Float, &[Dim::Named("batch_size"), Dim::Fixed(3), Dim::Named("height"), Dim::Named("width")]);
+    let (location, score, category) = {
+        let mut b = OnnxBackend::new(&mut g, &detector.weights);
+        detector_graph(&mut b, detector, &input)?
+    };
+    let n = [Dim::Named("batch_size"), Dim::Named("num_detections")];
+    g.output(&location, "location", DataType::Float, &[n[0].clone(), n[1].clone(), Dim::Fixed(4)]);
+    g.output(&score, "score", DataType::Float, &n);
+    g.output(&category, "category", DataType::Int64, &n);
+    let doc = format!("torchvision {} converted by mkonnx {}", detector.arch, env!("CARGO_PKG_VERSION"));
+    let metadata = vec![
+        ("architecture".to_string(), detector.arch.constructor().to_string()),
+        ("num_classes".to_string(), detector.params.num_classes.to_string()),
+        ("params".to_string(), serde_json::to_string(&detector.params).unwrap_or_default()),
+    ];
+    Ok(g.finish("fasterrcnn", &doc, metadata))
+}
+
+/// Shape bookkeeping shared by the steps: the batch size and image sizes as graph values.
+struct Sizes {
+    /// [1] int64: batch size.
+    batch: Value,
+    /// Scalars (float32) of the resized (unpadded) image: height, width.
+    resized_h: Value,
+    resized_w: Value,
+    /// Scalars (float32) of the input image: height, width.
+    input_h: Value,
+    input_w: Value,
+    /// [1] int64 padded height and width.
+    padded_h: Value,
+    padded_w: Value,
+}
+
+fn detector_graph(b: &mut OnnxBackend, det: &Detector, input: &Value) -> Result<(Value, Value, Value), WeightError> {
+    let (images, sizes) = transform(b.g, &det.params, input);
+    let features = network::backbone(b, det.arch, &images)?;
+    let (proposals, proposal_valid) = rpn(b, det, &features.maps, &sizes)?;
+    let pooled = multi_scale_roi_align(b.g, &features.names, &features.maps, &proposals, &sizes);
+    let x = network::box_head(b, det.arch, &pooled)?;
+    let (logits, deltas) = network::box_predictor(b, &x)?;
+    Ok(postprocess(b.g, &det.params, &logits, &deltas, &proposals, &proposal_valid, &sizes))
+}
+
+/// `GeneralizedRCNNTransform`: normalize, resize as eager PyTorch computes the size, pad to 32.
+fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value, Sizes) {
+    let mean = g.const_f32(&[1, 3, 1, 1], &p.image_mean);
+    let std = g.const_f32(&[1, 3, 1, 1], &p.image_std);
+    let centred = g.sub(input, &mean);
+    let normalized = g.div(&centred, &std);
+
+    // Eager: scale = min(min_size / min(h, w), max_size / max(h, w)) in Python doubles, and
+    // the output size int(size * scale) (truncation); not float32, which is one pixel short
+    // for some sizes.
+    let shape = g.shape(input);
+    let batch = g.element(&shape, 0);
+    let hw = g.slice_const(&shape, &[2], &[4], &[0]);
+    let hw_f64 = g.cast(&hw, DataType::Double);
+    let short = g.reduce_min_vec(&hw_f64);
+    let long = g.reduce_max(&hw_f64, &[0], true);
+    let min_size = g.scalar_f64(f64::from(p.min_size));
+    let max_size = g.scalar_f64(f64::from(p.max_size));
+    let s1 = g.div(&min_size, &short);
+    let s2 = g.div(&max_size, &long);
+    let scale = g.min(&s1, &s2);
+    let scaled = g.mul(&hw_f64, &scale);
+    let scaled = g.floor(&scaled);
+    let resized_hw = g.cast(&scaled, DataType::Int64);
+    let channels = g.ints(&[3]);
+    let out_size = g.concat(&[&batch, &channels, &resized_hw], 0);
+    let resized = g.resize_bilinear(&normalized, &out_size);
+
+    // batch_images: zero padding up to a multiple of 32, after normalization.
+    let c31 = g.ints(&[31]);
+    let c32 = g.ints(&[32]);
+    let up = g.add(&resized_hw, &c31);
+    let blocks = g.div(&up, &c32);
+    let padded_hw = g.mul(&blocks, &c32);
+    let extra = g.sub(&padded_hw, &resized_hw);
+    let zeros = g.ints(&[0, 0, 0, 0, 0, 0]);
+    let pads = g.concat(&[&zeros, &extra], 0);
+    let images = g.pad_zeros(&resized, &pads);
+
+    let resized_f = g.cast(&resized_hw, DataType::Float);
+    let input_f = g.cast(&hw, DataType::Float);
+    let sizes = Sizes {
+        batch,
+        resized_h: scalar_at(g, &resized_f, 0),
+        resized_w: scalar_at(g, &resized_f, 1),
+        input_h: scalar_at(g, &input_f, 0),
+        input_w: scalar_at(g, &input_f, 1),
+        padded_h: g.element(&padded_hw, 0),
+        padded_w: g.element(&padded_hw, 1),
+    };
+    (images, sizes)
+}
+
+fn scalar_at(g: &mut GraphBuilder, v: &Value, i: i64) -> Value {
+    let idx = g.scalar_i64(i);
+    g.gather(v, &idx, 0)
+}
+
+impl GraphBuilder {
+    /// ReduceMin over a 1-D tensor keeping one dimension (opset 13-17 attribute form).
+    fn reduce_min_vec(&mut self, x: &Value) -> Value {
+        self.node1("ReduceMin", &[x], &[("axes", super::builder::Attr::Ints(vec![0])), ("keepdims", super::builder::Attr::Int(1))])
+    }
+}
+
+/// Splits boxes [.., 4] into four [..] coordinate tensors along the last axis.
+fn unbind_boxes(g: &mut GraphBuilder, boxes: &Value) -> [Value; 4] {
+    [0, 1, 2, 3].map(|i| {
+        let s = g.slice_const(boxes, &[i], &[i + 1], &[-1]);
+        g.squeeze(&s, &[-1])
+    })
+}
+
+/// Stacks four coordinate tensors into [.., 4].
+fn stack_boxes(g: &mut GraphBuilder, c: &[Value; 4]) -> Value {
+    let parts: Vec<Value> = c.iter().map(|v| g.unsqueeze(v, &[-1])).collect();
+    g.concat(&parts.iter().collect::<Vec<_>>(), -1)
+}
+
+/// `BoxCoder.decode_single`: deltas [..., 4] relative to reference boxes (broadcastable).
+fn decode_boxes(g: &mut GraphBuilder, deltas: &Value, reference: &Value, weights: [f32; 4]) -> Value {
+    let [x1, y1, x2, y2] = unbind_boxes(g, reference);
+    let widths = g.sub(&x2, &x1);
+    let heights = g.sub(&y2, &y1);
+    let half = g.scalar_f32(0.5);
+    let hw_ = g.mul(&half, &widths);
+    let ctr_x = g.add(&x1, &hw_);
+    let hh = g.mul(&half, &heights);
+    let ctr_y = g.add(&y1, &hh);
+    let [dx, dy, dw, dh] = unbind_boxes(g, deltas);
+    let [wx, wy, ww, wh] = weights.map(|w| g.scalar_f32(w));
+    let dx = g.div(&dx, &wx);
+    let dy = g.div(&dy, &wy);
+    let dw = g.div(&dw, &ww);
+    let dh = g.div(&dh, &wh);
+    let clip = g.scalar_f32(BBOX_XFORM_CLIP as f32);
+    let dw = g.min(&dw, &clip);
+    let dh = g.min(&dh, &clip);
+    let px = g.mul(&dx, &widths);
+    let pred_ctr_x = g.add(&px, &ctr_x);
+    let py = g.mul(&dy, &heights);
+    let pred_ctr_y = g.add(&py, &ctr_y);
+    let ew = g.exp(&dw);
+    let pred_w = g.mul(&ew, &widths);
+    let eh = g.exp(&dh);
+    let pred_h = g.mul(&eh, &heights);
+    let c_w = g.mul(&half, &pred_w);
+    let c_h = g.mul(&half, &pred_h);
+    let out = [g.sub(&pred_ctr_x, &c_w), g.sub(&pred_ctr_y, &c_h), g.add(&pred_ctr_x, &c_w), g.add(&pred_ctr_y, &c_h)];
+    stack_boxes(g, &out)
+}
+
+/// `clip_boxes_to_image` to the resized image, returning the four clipped coordinates.
+fn clip_boxes(g: &mut GraphBuilder, boxes: &Value, sizes: &Sizes) -> [Value; 4] {
+    let zero = g.scalar_f32(0.0);
+    let [x1, y1, x2, y2] = unbind_boxes(g, boxes);
+    [
+        g.clip(&x1, &zero, &sizes.resized_w),
+        g.clip(&y1, &zero, &sizes.resized_h),
+        g.clip(&x2, &zero, &sizes.resized_w),
+        g.clip(&y2, &zero, &sizes.resized_h),
+    ]
+}
+
+/// `remove_small_boxes` as a mask: width and height both >= `min_size`.
+fn big_enough(g: &mut GraphBuilder, c: &[Value; 4], min_size: f32) -> Value {
+    let m = g.scalar_f32(min_size);
+    let w = g.sub(&c[2], &c[0]);
+    let h = g.sub(&c[3], &c[1]);
+    let wk = g.greater_or_equal(&w, &m);
+    let hk = g.greater_or_equal(&h, &m);
+    g.and(&wk, &hk)
+}
+
+/// Marks which of `count` candidates per image NonMaxSuppression kept, then takes the kept ones
+/// by descending score, at most `k_max`: returns (scores [B, K], indices [B, K], valid [B, K]).
+/// Candidates that were not eligible carry the score `INVALID`.
+fn keep_top_after_nms(g: &mut GraphBuilder, scores: &Value, selected: &Value, k_max: usize) -> (Value, Value, Value) {
+    let batch_and_box = g.ints(&[0, 2]);
+    let index = g.gather(selected, &batch_and_box, 1);
+    let zeros = {
+        let shape = g.shape(scores);
+        let zero = g.const_f32(&[1], &[0.0]);
+        g.expand(&zero, &shape)
+    };
+    let ones = {
+        let m = g.shape(selected);
+        let m = g.element(&m, 0);
+        let one = g.const_f32(&[1], &[1.0]);
+        g.expand(&one, &m)
+    };
+    let kept = g.scatter_nd(&zeros, &index, &ones);
+    let half = g.scalar_f32(0.5);
+    let kept = g.greater(&kept, &half);
+    let invalid = g.scalar_f32(INVALID);
+    let masked = g.where_(&kept, scores, &invalid);
+    let n = g.shape(scores);
+    let n = g.element(&n, 1);
+    let cap = g.ints(&[k_max as i64]);
+    let k = g.min(&n, &cap);
+    let (top, idx) = g.top_k(&masked, &k, 1);
+    let threshold = g.scalar_f32(INVALID_THRESHOLD);
+    let valid = g.greater(&top, &threshold);
+    (top, idx, valid)
+}
+
+/// Score given to candidates that must not be selected; real scores (probabilities) are >= 0.
+const INVALID: f32 = -1.0;
+/// NonMaxSuppression's score threshold: keeps every probability, drops [`INVALID`].
+const INVALID_THRESHOLD: f32 = -0.5;
+
+/// Gathers rows of `x` [B, N, ...] at `indices` [B, K] → [B, K, ...] (last dim `width`, or none).
+fn gather_rows(g: &mut GraphBuilder, x: &Value, indices: &Value, width: Option<i64>) -> Value {
+    match width {
+        None => g.gather_elements(x, indices, 1),
+        Some(w) => {
+            let idx = g.unsqueeze(indices, &[2]);
+            let shape = g.shape(&idx);
+            let lead = g.slice_const(&shape, &[0], &[2], &[0]);
+            let wv = g.ints(&[w]);
+            let target = g.concat(&[&lead, &wv], 0);
+            let idx = g.expand(&idx, &target);
+            g.gather_elements(x, &idx, 1)
+        }
+    }
+}
+
+/// The RPN: head, anchors, decoding, per-level top-k, clipping, small/low-score removal,
+/// per-level NMS and the post-NMS top-n. Returns proposals [B, K, 4] (sorted by objectness)
+/// and their validity [B, K].
+fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Result<(Value, Value), WeightError> {
+    let arch = det.arch;
+    let p = &det.params;
+    let anchor_sizes = arch.anchor_sizes();
+    let ratios = arch.aspect_ratios();
+    let mut objectness = Vec::new();
+    let mut deltas = Vec::new();
+    let mut anchors = Vec::new();
+    for (level, feature) in maps.iter().enumerate() {
+        let (logits, bbox) = network::rpn_head(b, arch, feature)?;
+        let g = &mut *b.g;
+        let cells = cell_anchors(&anchor_sizes[level], &ratios[level]);
+        let a = cells.len() as i64;
+        // permute_and_flatten: [B, A, h, w] → [B, h·w·A].
+        let t = g.transpose(&logits, &[0, 2, 3, 1]);
+        objectness.push(g.reshape_const(&t, &[0, -1]));
+        // [B, 4A, h, w] → [B, A, 4, h·w] → [B, h·w, A, 4] → [B, h·w·A, 4].
+        let t = g.reshape_const(&bbox, &[0, a, 4, -1]);
+        let t = g.transpose(&t, &[0, 3, 1, 2]);
+        deltas.push(g.reshape_const(&t, &[0, -1, 4]));
+        anchors.push(grid_anchors(g, feature, &cells, sizes));
+    }
+    let g = &mut *b.g;
+    let anchors_all = g.concat(&anchors.iter().collect::<Vec<_>>(), 0);
+    let deltas_all = g.concat(&deltas.iter().collect::<Vec<_>>(), 1);
+    let proposals = decode_boxes(g, &deltas_all, &anchors_all, [1.0; 4]);
+
+    // Per-level top-k of the objectness logits (torchvision: _get_top_n_idx).
+    let mut top_idx = Vec::new();
+    let mut top_logits = Vec::new();
+    let mut top_levels = Vec::new();
+    let mut offset = g.ints(&[0]);
+    for (level, obj) in objectness.iter().enumerate() {
+        let n = g.shape(obj);
+        let n = g.element(&n, 1);
+        let cap = g.ints(&[p.rpn_pre_nms_top_n_test as i64]);
+        let k = g.min(&n, &cap);
+        let (values, idx) = g.top_k(obj, &k, 1);
+        top_logits.push(values);
+        top_idx.push(g.add(&idx, &offset));
+        offset = g.add(&offset, &n);
+        let lvl = g.const_f32(&[1], &[level as f32]);
+        top_levels.push(g.expand(&lvl, &k));
+    }
+    let logits = g.concat(&top_logits.iter().collect::<Vec<_>>(), 1);
+    let idx = g.concat(&top_idx.iter().collect::<Vec<_>>(), 1);
+    let levels = g.concat(&top_levels.iter().collect::<Vec<_>>(), 0);
+    let boxes = gather_rows(g, &proposals, &idx, Some(4));
+    let probs = g.sigmoid(&logits);
+
+    let clipped = clip_boxes(g, &boxes, sizes);
+    let boxes = stack_boxes(g, &clipped);
+    let keep = big_enough(g, &clipped, RPN_MIN_BOX_SIZE);
+    let thresh = g.scalar_f32(p.rpn_score_thresh);
+    let confident = g.greater_or_equal(&probs, &thresh);
+    let keep = g.and(&keep, &confident);
+
+    // NMS independently per level: one NonMaxSuppression "class" per level.
+    let mut per_level = Vec::new();
+    let invalid = g.scalar_f32(INVALID);
+    for level in 0..maps.len() {
+        let l = g.scalar_f32(level as f32);
+        let on_level = g.equal(&levels, &l);
+        let eligible = g.and(&keep, &on_level);
+        let s = g.where_(&eligible, &probs, &invalid);
+        per_level.push(g.unsqueeze(&s, &[1]));
+    }
+    let class_scores = g.concat(&per_level.iter().collect::<Vec<_>>(), 1);
+    let selected = g.non_max_suppression(&boxes, &class_scores, p.rpn_nms_thresh, INVALID_THRESHOLD);
+    let masked = g.where_(&keep, &probs, &invalid);
+    let (_, order, valid) = keep_top_after_nms(g, &masked, &selected, p.rpn_post_nms_top_n_test);
+    let proposals = gather_rows(g, &boxes, &order, Some(4));
+    Ok((proposals, valid))
+}
+
+/// `AnchorGenerator.grid_anchors` for one level: the cell anchors shifted over the feature
+/// map with stride = padded image size // feature size. [h·w·A, 4].
+fn grid_anchors(g: &mut GraphBuilder, feature: &Value, cells: &[[f32; 4]], sizes: &Sizes) -> Value {
+    let shape = g.shape(feature);
+    let fh = g.element(&shape, 2);
+    let fw = g.element(&shape, 3);
+    let stride_h = g.div(&sizes.padded_h, &fh);
+    let stride_w = g.div(&sizes.padded_w, &fw);
+    let zero = g.scalar_i64(0);
+    let one = g.scalar_i64(1);
+    let fh_s = g.squeeze(&fh, &[0]);
+    let fw_s = g.squeeze(&fw, &[0]);
+    let ys = g.range(&zero, &fh_s, &one);
+    let ys = g.mul(&ys, &stride_h);
+    let xs = g.range(&zero, &fw_s, &one);
+    let xs = g.mul(&xs, &stride_w);
+    let grid = g.concat(&[&fh, &fw], 0);
+    let ys = g.unsqueeze(&ys, &[1]);
+    let ys = g.expand(&ys, &grid);
+    let xs = g.unsqueeze(&xs, &[0]);
+    let xs = g.expand(&xs, &grid);
+    let ys = g.reshape_const(&ys, &[-1]);
+    let xs = g.reshape_const(&xs, &[-1]);
+    let shifts = stack_boxes(g, &[xs.clone(), ys.clone(), xs, ys]);
+    let shifts = g.cast(&shifts, DataType::Float);
+    let shifts = g.unsqueeze(&shifts, &[1]);
+    let flat: Vec<f32> = cells.iter().flatten().copied().collect();
+    let base = g.const_f32(&[1, cells.len(), 4], &flat);
+    let anchors = g.add(&shifts, &base);
+    g.reshape_const(&anchors, &[-1, 4])
+}
+
+/// `MultiScaleRoIAlign` over the maps named `0`..`3`: each RoI pooled from the level
+/// torchvision's `LevelMapper` assigns it. proposals [B, K, 4] → [B·K, C, 7, 7].
+fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value], proposals: &Value, sizes: &Sizes) -> Value {
+    let levels: Vec<&Value> = names.iter().zip(maps).filter(|(n, _)| ROI_FEATURE_NAMES.contains(&n.as_str())).map(|(_, m)| m).collect();
+    let rois = g.reshape_const(proposals, &[-1, 4]);
+    let k = g.shape(proposals);
+    let k = g.element(&k, 1);
+    let batch_indices = {
+        let zero = g.scalar_i64(0);
+        let one = g.scalar_i64(1);
+        let b = g.squeeze(&sizes.batch, &[0]);
+        let r = g.range(&zero, &b, &one);
+        let r = g.unsqueeze(&r, &[1]);
+        let shape = g.concat(&[&sizes.batch, &k], 0);
+        let r = g.expand(&r, &shape);
+        g.reshape_const(&r, &[-1])
+    };
+
+    // Scale of each level: 2^round(log2(feature height / resized height)) in float32, as
+    // torchvision's _infer_scale does (from the first dimension).
+    let ln2 = g.scalar_f32(std::f32::consts::LN_2);
+    let mut exponents = Vec::new();
+    for m in &levels {
+        let shape = g.shape(m);
+        let fh = g.element(&shape, 2);
+        let fh = g.cast(&fh, DataType::Float);
+        let fh = g.squeeze(&fh, &[0]);
+        let ratio = g.div(&fh, &sizes.resized_h);
+        let l = g.log(&ratio);
+        let l = g.div(&l, &ln2);
+        exponents.push(g.round(&l));
+    }
+    let scale_of = |g: &mut GraphBuilder, e: &Value| {
+        let two = g.scalar_f32(2.0);
+        g.node1("Pow", &[&two, e], &[])
+    };
+    if levels.len() == 1 {
+        let s = scale_of(g, &exponents[0]);
+        let scaled = g.mul(&rois, &s);
+        return g.roi_align(levels[0], &scaled, &batch_indices, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO);
+    }
+
+    // LevelMapper: floor(4 + log2(sqrt(area) / 224) + 1e-6), clamped to [k_min, k_max].
+    let [x1, y1, x2, y2] = unbind_boxes(g, &rois);
+    let w = g.sub(&x2, &x1);
+    let h = g.sub(&y2, &y1);
+    let area = g.mul(&w, &h);
+    let s = g.sqrt(&area);
+    let s0 = g.scalar_f32(224.0);
+    let r = g.div(&s, &s0);
+    let l = g.log(&r);
+    let l = g.div(&l, &ln2);
+    let four = g.scalar_f32(4.0);
+    let l = g.add(&four, &l);
+    let eps = g.scalar_f32(1e-6);
+    let l = g.add(&l, &eps);
+    let l = g.floor(&l);
+    let zero = g.scalar_f32(0.0);
+    let k_min = g.sub(&zero, &exponents[0]);
+    let k_max = g.sub(&zero, &exponents[levels.len() - 1]);
+    let l = g.clip(&l, &k_min, &k_max);
+    let target = g.sub(&l, &k_min);
+
+    let pooled_shape = {
+        let r = g.shape(&rois);
+        let r = g.element(&r, 0);
+        let c = g.shape(levels[0]);
+        let c = g.element(&c, 1);
+        let tail = g.ints(&[ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE]);
+        g.concat(&[&r, &c, &tail], 0)
+    };
+    let zero_f = g.const_f32(&[1], &[0.0]);
+    let mut result = g.expand(&zero_f, &pooled_shape);
+    for (i, m) in levels.iter().enumerate() {
+        let li = g.scalar_f32(i as f32);
+        let here = g.equal(&target, &li);
+        let idx = g.non_zero(&here);
+        let idx = g.transpose(&idx, &[1, 0]);
+        let flat = g.squeeze(&idx, &[1]);
+        let level_rois = g.gather(&rois, &flat, 0);
+        let s = scale_of(g, &exponents[i]);
+        let level_rois = g.mul(&level_rois, &s);
+        let level_batch = g.gather(&batch_indices, &flat, 0);
+        let pooled = g.roi_align(m, &level_rois, &level_batch, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO);
+        result = g.scatter_nd(&result, &idx, &pooled);
+    }
+    result
+}
+
+/// `RoIHeads.postprocess_detections` + `GeneralizedRCNNTransform.postprocess`, then the
+/// normalized, zero-padded output layout.
+fn postprocess(
+    g: &mut GraphBuilder,
+    p: &DetectorParams,
+    logits: &Value,
+    deltas: &Value,
+    proposals: &Value,
+    proposal_valid: &Value,
+    sizes: &Sizes,
+) -> (Value, Value, Value) {
+    let num_classes = p.num_classes as i64;
+    let fg = num_classes - 1;
+    // Decode every class's box against its proposal: [B·K, C, 4].
+    let rois = g.reshape_const(proposals, &[-1, 1, 4]);
+    let d = g.reshape_const(deltas, &[0, num_classes, 4]);
+    let boxes = decode_boxes(g, &d, &rois, ROI_BOX_CODER_WEIGHTS);
+    let clipped = clip_boxes(g, &boxes, sizes);
+    let boxes = stack_boxes(g, &clipped);
+    let scores = g.softmax(logits, -1);
+
+    // Drop the background column, then lay candidates out per image: [B, K·(C-1)].
+    let boxes = g.slice_const(&boxes, &[1], &[num_classes], &[1]);
+    let scores = g.slice_const(&scores, &[1], &[num_classes], &[1]);
+    let tail = g.ints(&[-1, 4]);
+    let per_image_boxes = g.concat(&[&sizes.batch, &tail], 0);
+    let boxes = g.reshape(&boxes, &per_image_boxes);
+    let tail = g.ints(&[-1]);
+    let per_image = g.concat(&[&sizes.batch, &tail], 0);
+    let scores = g.reshape(&scores, &per_image);
+    let labels = {
+        let l: Vec<f32> = (1..num_classes).map(|c| c as f32).collect();
+        let l = g.const_f32(&[1, 1, fg as usize], &l);
+        let shape = {
+            let s = g.shape(proposal_valid);
+            let tail = g.ints(&[fg]);
+            g.concat(&[&s, &tail], 0)
+        };
+        let l = g.expand(&l, &shape);
+        g.reshape(&l, &per_image)
+    };
+    let roi_valid = {
+        let v = g.unsqueeze(proposal_valid, &[2]);
+        let shape = {
+            let s = g.shape(proposal_valid);
+            let tail = g.ints(&[fg]);
+            g.concat(&[&s, &tail], 0)
+        };
+        let v = g.expand(&v, &shape);
+        g.reshape(&v, &per_image)
+    };
+
+    let thresh = g.scalar_f32(p.box_score_thresh);
+    let confident = g.greater(&scores, &thresh);
+    let coords = unbind_boxes(g, &boxes);
+    let big = big_enough(g, &coords, DETECTION_MIN_BOX_SIZE);
+    let keep = g.and(&roi_valid, &confident);
+    let keep = g.and(&keep, &big);
+
+    // batched_nms by the coordinate trick: offset each class by label · (max coordinate + 1),
+    // the max taken over the image's remaining candidates.
+    let zero = g.scalar_f32(0.0);
+    let keep4 = g.unsqueeze(&keep, &[2]);
+    let kept_boxes = g.where_(&keep4, &boxes, &zero);
+    let max_coord = g.reduce_max(&kept_boxes, &[1, 2], true);
+    let one = g.scalar_f32(1.0);
+    let span = g.add(&max_coord, &one);
+    let labels3 = g.unsqueeze(&labels, &[2]);
+    let offsets = g.mul(&labels3, &span);
+    let nms_boxes = g.add(&boxes, &offsets);
+    let invalid = g.scalar_f32(INVALID);
+    let masked = g.where_(&keep, &scores, &invalid);
+    let nms_scores = g.unsqueeze(&masked, &[1]);
+    let selected = g.non_max_suppression(&nms_boxes, &nms_scores, p.box_nms_thresh, INVALID_THRESHOLD);
+    let (top, order, valid) = keep_top_after_nms(g, &masked, &selected, p.box_detections_per_img);
+
+    // N = the largest detection count in the batch; rows past an image's count are zeros.
+    let count = g.cast(&valid, DataType::Int64);
+    let count = g.reduce_sum(&count, &[1], false);
+    let n = g.reduce_max(&count, &[0], true);
+    let zero_i = g.ints(&[0]);
+    let top = g.slice(&top, &zero_i, &n, &[1]);
+    let order = g.slice(&order, &zero_i, &n, &[1]);
+    let valid = g.slice(&valid, &zero_i, &n, &[1]);
+    let score = g.where_(&valid, &top, &zero);
+    let label = gather_rows(g, &labels, &order, None);
+    let label = g.where_(&valid, &label, &zero);
+    let category = g.cast(&label, DataType::Int64);
+    let det_boxes = gather_rows(g, &boxes, &order, Some(4));
+
+    // transform.postprocess: boxes · (original / resized) in float32, then normalized.
+    let ratio_w = g.div(&sizes.input_w, &sizes.resized_w);
+    let ratio_h = g.div(&sizes.input_h, &sizes.resized_h);
+    let [x1, y1, x2, y2] = unbind_boxes(g, &det_boxes);
+    let x1 = g.mul(&x1, &ratio_w);
+    let x2 = g.mul(&x2, &ratio_w);
+    let y1 = g.mul(&y1, &ratio_h);
+    let y2 = g.mul(&y2, &ratio_h);
+    let norm = [g.div(&x1, &sizes.input_w), g.div(&y1, &sizes.input_h), g.div(&x2, &sizes.input_w), g.div(&y2, &sizes.input_h)];
+    let location = stack_boxes(g, &norm);
+    let valid4 = g.unsqueeze(&valid, &[2]);
+    let location = g.where_(&valid4, &location, &zero);
+    (location, score, category)
+}

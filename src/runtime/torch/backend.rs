@@ -1,0 +1,223 @@
+//! [`Backend`] on libtorch: the network layers as the same ATen calls torchvision's modules
+//! make (`F.conv2d`, `torch.batch_norm`, `F.linear`, ...), on weights converted once.
+
+use super::{RuntimeError, TorchContext};
+use crate::model::arch::{Architecture, BATCH_NORM_EPS};
+use crate::model::network::Backend;
+use crate::model::weights::{WeightError, Weights};
+use crate::runtime::torch::ops::python_float;
+use std::collections::HashMap;
+use tch::{Device, Tensor};
+
+/// The checkpoint's tensors on the device, by state_dict name, plus the folded parameters of
+/// every `FrozenBatchNorm2d`.
+pub(crate) struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    /// `{path}` → (scale, bias) [1, C, 1, 1] of a FrozenBatchNorm2d.
+    frozen: HashMap<String, (Tensor, Tensor)>,
+}
+
+impl WeightStore {
+    /// Converts every float tensor of `weights` to a tch tensor on `device`.
+    pub(crate) fn new(weights: &Weights, device: Device, arch: Architecture) -> Result<Self, RuntimeError> {
+        let mut tensors = HashMap::new();
+        for name in weights.names() {
+            if name.ends_with(".num_batches_tracked") {
+                continue;
+            }
+            let w = weights
+                .get(name)
+                .map_err(|e| RuntimeError::Torch { step: format!("loading `{name}`"), source: tch::TchError::Kind(e.to_string()) })?;
+            let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
+            let t = Tensor::f_from_slice(&w.data)
+                .and_then(|t| t.f_view(shape.as_slice()))
+                .and_then(|t| t.f_to_device(device))
+                .step(&format!("loading `{name}`"))?;
+            tensors.insert(name.to_string(), t);
+        }
+        let mut store = WeightStore { tensors, frozen: HashMap::new() };
+        // FrozenBatchNorm2d has no num_batches_tracked buffer; BatchNorm2d has one.
+        let frozen_paths: Vec<String> = weights
+            .names()
+            .filter_map(|n| n.strip_suffix(".running_var"))
+            .filter(|p| !weights.contains(&format!("{p}.num_batches_tracked")))
+            .map(str::to_string)
+            .collect();
+        for path in frozen_paths {
+            let folded = store.fold_frozen_batch_norm(&path).map_err(|e| match e {
+                FoldError::Weight(source) => RuntimeError::Weights { arch, source },
+                FoldError::Torch(e) => e,
+            })?;
+            store.frozen.insert(path, folded);
+        }
+        Ok(store)
+    }
+
+    fn get(&self, name: &str, rank: usize) -> Result<&Tensor, WeightError> {
+        let t = self.tensors.get(name).ok_or_else(|| WeightError::Missing(name.to_string()))?;
+        if t.dim() != rank {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                found: t.size().iter().map(|&d| d as usize).collect(),
+                expected: format!("{rank} dimensions"),
+            });
+        }
+        Ok(t)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// torchvision's `FrozenBatchNorm2d.forward`, up to the input:
+    /// `scale = w * (rv + eps).rsqrt(); bias = b - rm * scale`, on [1, C, 1, 1] views.
+    fn fold_frozen_batch_norm(&self, path: &str) -> Result<(Tensor, Tensor), FoldError> {
+        let step = format!("folding FrozenBatchNorm2d `{path}`");
+        let view = |suffix: &str| -> Result<Tensor, FoldError> {
+            let t = self.get(&format!("{path}.{suffix}"), 1).map_err(FoldError::Weight)?;
+            t.f_reshape([1, -1, 1, 1]).step(&step).map_err(FoldError::Torch)
+        };
+        let (w, b, rm, rv) = (view("weight")?, view("bias")?, view("running_mean")?, view("running_var")?);
+        let scale = rv
+            .f_add_scalar(python_float(BATCH_NORM_EPS))
+            .and_then(|t| t.f_rsqrt())
+            .and_then(|t| w.f_mul(&t))
+            .step(&step)
+            .map_err(FoldError::Torch)?;
+        let bias = rm.f_mul(&scale).and_then(|t| b.f_sub(&t)).step(&step).map_err(FoldError::Torch)?;
+        Ok((scale, bias))
+    }
+}
+
+enum FoldError {
+    Weight(WeightError),
+    Torch(RuntimeError),
+}
+
+/// A tch tensor that clones shallowly (a new handle on the same storage): the network
+/// description clones values to reuse them, and never modifies one in place.
+pub struct Shared(pub Tensor);
+
+impl Clone for Shared {
+    fn clone(&self) -> Self {
+        Shared(self.0.shallow_clone())
+    }
+}
+
+/// Runs [`crate::model::network`] layers with tch. Errors of the infallible trait methods
+/// (a residual sum of mis-shaped branches, say) are kept here; the first one is reported by
+/// [`TchBackend::take_error`] after the network returns.
+pub struct TchBackend<'a> {
+    store: &'a WeightStore,
+    error: Option<RuntimeError>,
+}
+
+impl<'a> TchBackend<'a> {
+    pub(crate) fn new(store: &'a WeightStore) -> Self {
+        TchBackend { store, error: None }
+    }
+
+    /// The first error met since the last call, if any.
+    pub fn take_error(&mut self) -> Option<RuntimeError> {
+        self.error.take()
+    }
+
+    fn keep(&mut self, r: Result<Tensor, tch::TchError>, step: &str) -> Shared {
+        match r {
+            Ok(t) => Shared(t),
+            Err(source) => {
+                self.error.get_or_insert(RuntimeError::Torch { step: step.to_string(), source });
+                Shared(Tensor::new())
+            }
+        }
+    }
+
+    /// A failed layer: the libtorch error is kept (it says what did not fit), the network
+    /// description gets a weight error naming the layer.
+    fn layer_failed(&mut self, path: &str, weight: &Tensor, source: tch::TchError) -> WeightError {
+        let found = weight.size().iter().map(|&d| d as usize).collect();
+        let message = source.to_string();
+        self.error.get_or_insert(RuntimeError::Torch { step: format!("layer `{path}`"), source });
+        WeightError::Shape {
+            name: format!("{path}.weight"),
+            found,
+            expected: format!("a shape that fits its input ({})", first_line(&message)),
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+impl Backend for TchBackend<'_> {
+    type Tensor = Shared;
+
+    fn conv2d(&mut self, x: &Shared, path: &str, bias: bool, stride: i64, padding: i64, groups: i64) -> Result<Shared, WeightError> {
+        let w = self.store.get(&format!("{path}.weight"), 4)?;
+        let b = if bias { Some(self.store.get(&format!("{path}.bias"), 1)?) } else { None };
+        x.0.f_conv2d(w, b, [stride, stride], [padding, padding], [1, 1], groups).map(Shared).map_err(|e| self.layer_failed(path, w, e))
+    }
+
+    fn batch_norm(&mut self, x: &Shared, path: &str) -> Result<Shared, WeightError> {
+        let w = self.store.get(&format!("{path}.weight"), 1)?;
+        if let Some((scale, bias)) = self.store.frozen.get(path) {
+            // FrozenBatchNorm2d: x * scale + bias.
+            return x.0.f_mul(scale).and_then(|t| t.f_add(bias)).map(Shared).map_err(|e| self.layer_failed(path, w, e));
+        }
+        if !self.store.has(&format!("{path}.running_var")) {
+            return Err(WeightError::Missing(format!("{path}.running_var")));
+        }
+        let b = self.store.get(&format!("{path}.bias"), 1)?;
+        let rm = self.store.get(&format!("{path}.running_mean"), 1)?;
+        let rv = self.store.get(&format!("{path}.running_var"), 1)?;
+        // nn.BatchNorm2d in eval: torch.batch_norm(x, w, b, rm, rv, False, 0.1, eps, cudnn.enabled).
+        x.0.f_batch_norm(Some(w), Some(b), Some(rm), Some(rv), false, 0.1, python_float(BATCH_NORM_EPS), true)
+            .map(Shared)
+            .map_err(|e| self.layer_failed(path, w, e))
+    }
+
+    fn linear(&mut self, x: &Shared, path: &str) -> Result<Shared, WeightError> {
+        let w = self.store.get(&format!("{path}.weight"), 2)?;
+        let b = self.store.get(&format!("{path}.bias"), 1)?;
+        x.0.f_linear(w, Some(b)).map(Shared).map_err(|e| self.layer_failed(path, w, e))
+    }
+
+    fn relu(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_relu(), "relu")
+    }
+
+    fn hardswish(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_hardswish(), "hardswish")
+    }
+
+    fn hardsigmoid(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_hardsigmoid(), "hardsigmoid")
+    }
+
+    fn add(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_add(&b.0), "residual sum")
+    }
+
+    fn mul(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_mul(&b.0), "squeeze-excitation product")
+    }
+
+    fn max_pool2d(&mut self, x: &Shared, kernel: i64, stride: i64, padding: i64) -> Shared {
+        self.keep(x.0.f_max_pool2d([kernel, kernel], [stride, stride], [padding, padding], [1, 1], false), "max_pool2d")
+    }
+
+    fn global_avg_pool(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_adaptive_avg_pool2d([1, 1]), "adaptive_avg_pool2d")
+    }
+
+    fn upsample_nearest_like(&mut self, x: &Shared, like: &Shared) -> Shared {
+        let size = like.0.size();
+        let hw: Vec<i64> = size.iter().skip(2).copied().collect();
+        self.keep(x.0.f_upsample_nearest2d(hw.as_slice(), None, None), "FPN upsampling")
+    }
+
+    fn flatten(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_flatten(1, -1), "flatten")
+    }
+}

@@ -1,0 +1,501 @@
+//! torchvision's `GeneralizedRCNN.forward` (eval) around the network, step by step.
+//!
+//! Each function names the torchvision code it mirrors. Tensor work that rounds (exp,
+//! sigmoid, softmax, log2, bilinear resize) is done by the same ATen ops on the same shapes
+//! as eager; exact work (gathers, clamps, comparisons, +-*/ on single values) is done on
+//! Rust vectors, where it is clearer and gives the same bits.
+
+use super::backend::{Shared, TchBackend};
+use super::ops::{batched_nms, python_float, roi_align, RoiAlignParams};
+use super::{Detections, RoiLevels, RuntimeError, TorchContext, TorchDetector, Trace};
+use crate::model::arch::*;
+use crate::model::network;
+use crate::model::weights::WeightError;
+use tch::{Device, Kind, Tensor};
+
+/// Resized (unpadded) [height, width] of each image, as `ImageList.image_sizes`.
+type Sizes = Vec<[i64; 2]>;
+
+pub(crate) fn run(det: &TorchDetector, images: &[Tensor]) -> Result<Vec<(Detections, Trace)>, RuntimeError> {
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let original: Sizes = images.iter().enumerate().map(|(i, img)| check_image(i, img)).collect::<Result<_, _>>()?;
+    let (batch, resized) = transform(det, images)?;
+    let padded = {
+        let s = batch.size();
+        [s[2], s[3]]
+    };
+
+    let mut backend = TchBackend::new(&det.store);
+    let features = network::backbone(&mut backend, det.arch, &Shared(batch));
+    let features = network_result(det, &mut backend, features)?;
+    let maps: Vec<Tensor> = features.maps.into_iter().map(|m| m.0).collect();
+
+    let proposals = rpn(det, &mut backend, &maps, padded, &resized)?;
+    let pooled = multi_scale_roi_align(det, &features.names, &maps, &proposals, &resized)?;
+    let detections = roi_heads(det, &mut backend, pooled, &proposals, &resized)?;
+
+    Ok(detections
+        .into_iter()
+        .zip(proposals)
+        .enumerate()
+        .map(|(i, (d, props))| {
+            let d = rescale(d, resized[i], original[i]);
+            (d, Trace { original_size: original[i], resized_size: resized[i], padded_size: padded, proposals: props })
+        })
+        .collect())
+}
+
+/// The first error of a network call: the backend's own (libtorch's message) before the
+/// weight error the description returned.
+fn network_result<T>(det: &TorchDetector, backend: &mut TchBackend, r: Result<T, WeightError>) -> Result<T, RuntimeError> {
+    if let Some(e) = backend.take_error() {
+        return Err(e);
+    }
+    r.map_err(|source| RuntimeError::Weights { arch: det.arch, source })
+}
+
+fn check_image(index: usize, img: &Tensor) -> Result<[i64; 2], RuntimeError> {
+    let bad = |reason: String| RuntimeError::BadImage { index, reason };
+    let size = img.size();
+    if size.len() != 3 || size[0] != 3 {
+        return Err(bad(format!("expected a [3, H, W] tensor, got {size:?}")));
+    }
+    if size[1] == 0 || size[2] == 0 {
+        return Err(bad(format!("empty image {size:?}")));
+    }
+    match img.f_kind() {
+        Ok(Kind::Float) => Ok([size[1], size[2]]),
+        Ok(k) => Err(bad(format!("expected float32 values in 0..1, got {k:?}"))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+// ----------------------------------------------------------------------------- transform
+
+/// `GeneralizedRCNNTransform.forward`: normalize and resize each image, then `batch_images`.
+fn transform(det: &TorchDetector, images: &[Tensor]) -> Result<(Tensor, Sizes), RuntimeError> {
+    let p = &det.params;
+    let step = "transform";
+    let mean = Tensor::f_from_slice(&p.image_mean).and_then(|t| t.f_to_device(det.device)).and_then(|t| t.f_view([-1, 1, 1])).step(step)?;
+    let std = Tensor::f_from_slice(&p.image_std).and_then(|t| t.f_to_device(det.device)).and_then(|t| t.f_view([-1, 1, 1])).step(step)?;
+    let mut resized = Vec::with_capacity(images.len());
+    for img in images {
+        let x = img.f_to_device(det.device).step(step)?;
+        // normalize: (image - mean[:, None, None]) / std[:, None, None]
+        let x = x.f_sub(&mean).and_then(|t| t.f_div(&std)).step(step)?;
+        let size = x.size();
+        let [h, w] = resized_size(size[1], size[2], p.min_size, p.max_size);
+        // F.interpolate(image[None], scale_factor=s, mode="bilinear", recompute_scale_factor=True,
+        // align_corners=False)[0]: upsample_bilinear2d to the computed size, no scales.
+        let x =
+            x.f_unsqueeze(0).and_then(|t| t.f_upsample_bilinear2d([h, w], false, None, None)).and_then(|t| t.f_select(0, 0)).step(step)?;
+        resized.push(x);
+    }
+    let sizes: Sizes = resized.iter().map(|t| [t.size()[1], t.size()[2]]).collect();
+    // batch_images: zero-filled [B, C, ceil32(max H), ceil32(max W)], each image top-left.
+    let max_h = sizes.iter().map(|s| s[0]).max().unwrap_or(0);
+    let max_w = sizes.iter().map(|s| s[1]).max().unwrap_or(0);
+    let (ph, pw) = (ceil_to(max_h, 32), ceil_to(max_w, 32));
+    let batch = Tensor::f_zeros([images.len() as i64, 3, ph, pw], (Kind::Float, det.device)).step(step)?;
+    for (i, (img, s)) in resized.iter().zip(&sizes).enumerate() {
+        let mut slot = batch.f_select(0, i as i64).and_then(|t| t.f_narrow(1, 0, s[0])).and_then(|t| t.f_narrow(2, 0, s[1])).step(step)?;
+        slot.f_copy_(img).step(step)?;
+    }
+    Ok((batch, sizes))
+}
+
+/// The resize target of eager PyTorch: `scale = min(min_size / min(h, w), max_size / max(h, w))`
+/// in doubles, then `int(size * scale)` per side (truncation, as `F.interpolate` computes it
+/// with `recompute_scale_factor=True`).
+pub(crate) fn resized_size(h: i64, w: i64, min_size: u32, max_size: u32) -> [i64; 2] {
+    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
+    let scale = f64::min(f64::from(min_size) / short, f64::from(max_size) / long);
+    [(h as f64 * scale) as i64, (w as f64 * scale) as i64]
+}
+
+fn ceil_to(v: i64, m: i64) -> i64 {
+    (v + m - 1) / m * m
+}
+
+// ----------------------------------------------------------------------------- box coder
+
+/// `BoxCoder.decode_single(rel_codes [R, 4k], boxes [R, 4])` → [R, 4k], op for op.
+fn decode_single(rel_codes: &Tensor, boxes: &Tensor, weights: [f64; 4]) -> Result<Tensor, tch::TchError> {
+    let col = |t: &Tensor, i: i64| t.f_select(1, i);
+    let widths = col(boxes, 2)?.f_sub(&col(boxes, 0)?)?;
+    let heights = col(boxes, 3)?.f_sub(&col(boxes, 1)?)?;
+    let ctr_x = col(boxes, 0)?.f_add(&widths.f_mul_scalar(0.5)?)?;
+    let ctr_y = col(boxes, 1)?.f_add(&heights.f_mul_scalar(0.5)?)?;
+    let every = |i: i64, w: f64| rel_codes.f_slice(1, i, None::<i64>, 4).and_then(|t| t.f_div_scalar(w));
+    let dx = every(0, weights[0])?;
+    let dy = every(1, weights[1])?;
+    let dw = every(2, weights[2])?.f_clamp_max(BBOX_XFORM_CLIP)?;
+    let dh = every(3, weights[3])?.f_clamp_max(BBOX_XFORM_CLIP)?;
+    let widths = widths.f_unsqueeze(1)?;
+    let heights = heights.f_unsqueeze(1)?;
+    let pred_ctr_x = dx.f_mul(&widths)?.f_add(&ctr_x.f_unsqueeze(1)?)?;
+    let pred_ctr_y = dy.f_mul(&heights)?.f_add(&ctr_y.f_unsqueeze(1)?)?;
+    let pred_w = dw.f_exp()?.f_mul(&widths)?;
+    let pred_h = dh.f_exp()?.f_mul(&heights)?;
+    let half = Tensor::f_from_slice(&[0.5f32])?.f_to_device(rel_codes.device())?.f_reshape(&[] as &[i64])?;
+    let c_to_c_h = half.f_mul(&pred_h)?;
+    let c_to_c_w = half.f_mul(&pred_w)?;
+    let b1 = pred_ctr_x.f_sub(&c_to_c_w)?;
+    let b2 = pred_ctr_y.f_sub(&c_to_c_h)?;
+    let b3 = pred_ctr_x.f_add(&c_to_c_w)?;
+    let b4 = pred_ctr_y.f_add(&c_to_c_h)?;
+    Tensor::f_stack(&[b1, b2, b3, b4], 2)?.f_flatten(1, -1)
+}
+
+// ----------------------------------------------------------------------------- RPN
+
+/// Copies a float tensor to a Vec (through the CPU).
+fn to_vec_f32(t: &Tensor, step: &str) -> Result<Vec<f32>, RuntimeError> {
+    let t = t.f_to_device(Device::Cpu).and_then(|t| t.f_contiguous()).step(step)?;
+    let mut v = vec![0f32; t.numel()];
+    t.f_copy_data(&mut v, t.numel()).step(step)?;
+    Ok(v)
+}
+
+fn to_vec_i64(t: &Tensor, step: &str) -> Result<Vec<i64>, RuntimeError> {
+    let t = t.f_to_device(Device::Cpu).and_then(|t| t.f_contiguous()).step(step)?;
+    let mut v = vec![0i64; t.numel()];
+    t.f_copy_data(&mut v, t.numel()).step(step)?;
+    Ok(v)
+}
+
+fn as_boxes(v: &[f32]) -> Vec<[f32; 4]> {
+    v.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+}
+
+/// `clip_boxes_to_image`: clamp (NaN stays NaN, as ATen's clamp).
+fn clip_box(b: [f32; 4], [h, w]: [i64; 2]) -> [f32; 4] {
+    // ATen's scalar clamp: std::min(std::max(v, lo), hi), which keeps -0.0 and NaN.
+    let clamp = |v: f32, hi: i64| {
+        let v = if v < 0.0 { 0.0 } else { v };
+        let hi = hi as f32;
+        if hi < v {
+            hi
+        } else {
+            v
+        }
+    };
+    [clamp(b[0], w), clamp(b[1], h), clamp(b[2], w), clamp(b[3], h)]
+}
+
+/// `remove_small_boxes` test for one box.
+fn big_enough(b: &[f32; 4], min_size: f32) -> bool {
+    b[2] - b[0] >= min_size && b[3] - b[1] >= min_size
+}
+
+/// `RegionProposalNetwork.forward` (eval): proposals per image, resized frame.
+fn rpn(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    maps: &[Tensor],
+    padded: [i64; 2],
+    sizes: &Sizes,
+) -> Result<Vec<Vec<[f32; 4]>>, RuntimeError> {
+    let step = "RPN";
+    let p = &det.params;
+    let n = sizes.len() as i64;
+    if maps.len() != det.cell_anchors.len() {
+        return Err(RuntimeError::Torch {
+            step: step.into(),
+            source: tch::TchError::Kind(format!("{} feature maps but {} anchor levels", maps.len(), det.cell_anchors.len())),
+        });
+    }
+    let mut cls = Vec::new();
+    let mut reg = Vec::new();
+    let mut anchors: Vec<f32> = Vec::new();
+    let mut per_level = Vec::new();
+    for (map, cells) in maps.iter().zip(&det.cell_anchors) {
+        let head = network::rpn_head(backend, det.arch, &Shared(map.shallow_clone()));
+        let (Shared(logits), Shared(deltas)) = network_result(det, backend, head)?;
+        let s = logits.size();
+        let (a, h, w) = (s[1], s[2], s[3]);
+        // concat_box_prediction_layers / permute_and_flatten.
+        cls.push(
+            logits.f_view([n, -1, 1, h, w]).and_then(|t| t.f_permute([0, 3, 4, 1, 2])).and_then(|t| t.f_reshape([n, -1, 1])).step(step)?,
+        );
+        reg.push(
+            deltas.f_view([n, -1, 4, h, w]).and_then(|t| t.f_permute([0, 3, 4, 1, 2])).and_then(|t| t.f_reshape([n, -1, 4])).step(step)?,
+        );
+        per_level.push(a * h * w);
+        // AnchorGenerator.grid_anchors: stride = padded size // feature size; int shifts
+        // plus the rounded cell anchors (exact in float32).
+        let (sh, sw) = (padded[0] / h, padded[1] / w);
+        for y in 0..h {
+            for x in 0..w {
+                let (sx, sy) = ((x * sw) as f32, (y * sh) as f32);
+                for c in cells {
+                    anchors.extend_from_slice(&[sx + c[0], sy + c[1], sx + c[2], sy + c[3]]);
+                }
+            }
+        }
+    }
+    let total: i64 = per_level.iter().sum();
+    let objectness = Tensor::f_cat(&cls, 1).and_then(|t| t.f_flatten(0, -2)).step(step)?;
+    let deltas = Tensor::f_cat(&reg, 1).and_then(|t| t.f_reshape([-1, 4])).step(step)?;
+    // BoxCoder.decode: the anchors of every image, concatenated.
+    let anchors = Tensor::f_from_slice(&anchors).and_then(|t| t.f_view([total, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
+    let anchors = Tensor::f_cat(&vec![&anchors; n as usize], 0).step(step)?;
+    let proposals = decode_single(&deltas, &anchors, [1.0; 4]).and_then(|t| t.f_view([n, -1, 4])).step(step)?;
+
+    // filter_proposals.
+    let objectness = objectness.f_reshape([n, -1]).step(step)?;
+    let mut top_idx = Vec::new();
+    let mut offset = 0;
+    for &count in &per_level {
+        let ob = objectness.f_narrow(1, offset, count).step(step)?;
+        let k = (p.rpn_pre_nms_top_n_test as i64).min(count);
+        let (_, idx) = ob.f_topk(k, 1, true, true).step(step)?;
+        top_idx.push(idx.f_add_scalar(offset).step(step)?);
+        offset += count;
+    }
+    let top_idx = Tensor::f_cat(&top_idx, 1).step(step)?;
+    let probs = objectness.f_gather(1, &top_idx, false).and_then(|t| t.f_sigmoid()).step(step)?;
+    let k = top_idx.size()[1] as usize;
+    let probs = to_vec_f32(&probs, step)?;
+    let top_idx = to_vec_i64(&top_idx, step)?;
+    let all_boxes = as_boxes(&to_vec_f32(&proposals, step)?);
+    let level_of = |i: i64| {
+        let mut acc = 0;
+        per_level.iter().position(|&c| {
+            acc += c;
+            i < acc
+        })
+    };
+
+    let on_cuda = det.device.is_cuda();
+    let nms_thresh = python_float(p.rpn_nms_thresh);
+    let mut out = Vec::with_capacity(n as usize);
+    for (img, size) in sizes.iter().enumerate() {
+        let mut boxes = Vec::new();
+        let mut scores = Vec::new();
+        let mut levels = Vec::new();
+        for j in 0..k {
+            let i = top_idx[img * k + j];
+            let b = clip_box(all_boxes[img * total as usize + i as usize], *size);
+            let s = probs[img * k + j];
+            // remove_small_boxes, then scores >= score_thresh.
+            if big_enough(&b, RPN_MIN_BOX_SIZE) && s >= p.rpn_score_thresh {
+                boxes.push(b);
+                scores.push(s);
+                levels.push(level_of(i).unwrap_or(0) as i64);
+            }
+        }
+        let keep = batched_nms(&boxes, &scores, &levels, nms_thresh, on_cuda)?;
+        out.push(keep.into_iter().take(p.rpn_post_nms_top_n_test).map(|i| boxes[i]).collect());
+    }
+    Ok(out)
+}
+
+// ----------------------------------------------------------------------------- RoI pooling
+
+/// `MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)` over the proposals: [R, C, 7, 7] on the
+/// detector's device, rows in image order.
+fn multi_scale_roi_align(
+    det: &TorchDetector,
+    names: &[String],
+    maps: &[Tensor],
+    proposals: &[Vec<[f32; 4]>],
+    sizes: &Sizes,
+) -> Result<Tensor, RuntimeError> {
+    let step = "MultiScaleRoIAlign";
+    let levels: Vec<&Tensor> = names.iter().zip(maps).filter(|(n, _)| ROI_FEATURE_NAMES.contains(&n.as_str())).map(|(_, m)| m).collect();
+    if levels.is_empty() {
+        return Err(RuntimeError::Torch { step: step.into(), source: tch::TchError::Kind("no feature map to pool from".into()) });
+    }
+    if det.roi_levels.get().is_none() {
+        let setup = setup_scales(&levels, sizes)?;
+        let _ = det.roi_levels.set(setup);
+    }
+    let Some(setup) = det.roi_levels.get() else {
+        return Err(RuntimeError::Torch { step: step.into(), source: tch::TchError::Kind("level scales unset".into()) });
+    };
+
+    let rois: Vec<[f32; 5]> =
+        proposals.iter().enumerate().flat_map(|(i, boxes)| boxes.iter().map(move |b| [i as f32, b[0], b[1], b[2], b[3]])).collect();
+    let r = rois.len();
+    let c = levels[0].size()[1];
+    let target = if levels.len() == 1 { vec![0; r] } else { map_levels(det, proposals, setup)? };
+
+    let (ph, pw) = (ROI_OUTPUT_SIZE as usize, ROI_OUTPUT_SIZE as usize);
+    let per_roi = c as usize * ph * pw;
+    let mut pooled = vec![0f32; r * per_roi];
+    for (level, (map, &scale)) in levels.iter().zip(&setup.scales).enumerate() {
+        let members: Vec<usize> = (0..r).filter(|&i| target[i] == level as i64).collect();
+        if members.is_empty() {
+            continue;
+        }
+        let s = map.size();
+        let shape = [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize];
+        let input = to_vec_f32(map, step)?;
+        let params = RoiAlignParams {
+            spatial_scale: scale as f32,
+            pooled_height: ph,
+            pooled_width: pw,
+            sampling_ratio: ROI_SAMPLING_RATIO as i32,
+            aligned: false,
+        };
+        let level_rois: Vec<[f32; 5]> = members.iter().map(|&i| rois[i]).collect();
+        let mut out = vec![0f32; members.len() * per_roi];
+        roi_align(&input, shape, &level_rois, &params, &mut out)?;
+        for (k, &i) in members.iter().enumerate() {
+            pooled[i * per_roi..(i + 1) * per_roi].copy_from_slice(&out[k * per_roi..(k + 1) * per_roi]);
+        }
+    }
+    Tensor::f_from_slice(&pooled)
+        .and_then(|t| t.f_view([r as i64, c, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE]))
+        .and_then(|t| t.f_to_device(det.device))
+        .step(step)
+}
+
+/// `_setup_scales`: each level's scale `2 ** round(log2(feature / image))` from the heights
+/// (largest resized image of the batch), `log2` in float32 as `torch.tensor(approx).log2()`.
+fn setup_scales(levels: &[&Tensor], sizes: &Sizes) -> Result<RoiLevels, RuntimeError> {
+    let step = "MultiScaleRoIAlign scales";
+    let max_h = sizes.iter().map(|s| s[0]).max().unwrap_or(1);
+    let mut scales = Vec::new();
+    for m in levels {
+        let approx = m.size()[2] as f64 / max_h as f64;
+        let e = Tensor::f_from_slice(&[approx as f32])
+            .and_then(|t| t.f_reshape(&[] as &[i64]))
+            .and_then(|t| t.f_log2())
+            .and_then(|t| t.f_round())
+            .step(step)?;
+        let e = e.f_double_value(&[]).step(step)?;
+        scales.push(2f64.powf(e));
+    }
+    // lvl_min = -log2(scales[0]) in float32: exact for powers of two.
+    let k_min = -(scales[0] as f32).log2() as i64;
+    let k_max = -(scales[scales.len() - 1] as f32).log2() as i64;
+    Ok(RoiLevels { scales, k_min, k_max })
+}
+
+/// `LevelMapper.__call__` on all images' proposals: level index (0-based) per RoI.
+fn map_levels(det: &TorchDetector, proposals: &[Vec<[f32; 4]>], setup: &RoiLevels) -> Result<Vec<i64>, RuntimeError> {
+    let step = "LevelMapper";
+    let flat: Vec<f32> = proposals.iter().flatten().flatten().copied().collect();
+    if flat.is_empty() {
+        return Ok(Vec::new());
+    }
+    let boxes = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([-1, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
+    let col = |i: i64| boxes.f_select(1, i);
+    let eps =
+        Tensor::f_from_slice(&[1e-6f32]).and_then(|t| t.f_to_device(det.device)).and_then(|t| t.f_reshape(&[] as &[i64])).step(step)?;
+    let levels = (|| -> Result<Tensor, tch::TchError> {
+        let area = col(2)?.f_sub(&col(0)?)?.f_mul(&col(3)?.f_sub(&col(1)?)?)?;
+        let s = area.f_sqrt()?;
+        // floor(lvl0 + log2(s / s0) + eps), clamped, minus k_min.
+        let l = s.f_div_scalar(224)?.f_log2()?.f_add_scalar(4)?.f_add(&eps)?.f_floor()?;
+        l.f_clamp(setup.k_min, setup.k_max)?.f_to_kind(Kind::Int64)?.f_sub_scalar(setup.k_min)
+    })()
+    .step(step)?;
+    to_vec_i64(&levels, step)
+}
+
+// ----------------------------------------------------------------------------- RoI heads
+
+/// Box head, predictor and `RoIHeads.postprocess_detections`: detections in the resized frame.
+fn roi_heads(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    pooled: Tensor,
+    proposals: &[Vec<[f32; 4]>],
+    sizes: &Sizes,
+) -> Result<Vec<Detections>, RuntimeError> {
+    let step = "RoI heads";
+    let p = &det.params;
+    let r: usize = proposals.iter().map(Vec::len).sum();
+    if r == 0 {
+        return Ok(vec![Detections::default(); proposals.len()]);
+    }
+    let x = network::box_head(backend, det.arch, &Shared(pooled));
+    let x = network_result(det, backend, x)?;
+    let predicted = network::box_predictor(backend, &x);
+    let (Shared(class_logits), Shared(box_regression)) = network_result(det, backend, predicted)?;
+    let num_classes = class_logits.size()[1] as usize;
+
+    let flat: Vec<f32> = proposals.iter().flatten().flatten().copied().collect();
+    let rois = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([r as i64, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
+    let w = ROI_BOX_CODER_WEIGHTS.map(python_float);
+    let rel_codes = box_regression.f_reshape([r as i64, -1]).step(step)?;
+    let pred_boxes = decode_single(&rel_codes, &rois, w).step(step)?;
+    let pred_boxes = as_boxes(&to_vec_f32(&pred_boxes, step)?);
+    let pred_scores = to_vec_f32(&class_logits.f_softmax(-1, None::<Kind>).step(step)?, step)?;
+    if pred_boxes.len() != r * num_classes || pred_scores.len() != r * num_classes {
+        return Err(RuntimeError::Torch {
+            step: step.into(),
+            source: tch::TchError::Kind(format!(
+                "predictor gave {} boxes and {} scores for {r} RoIs of {num_classes} classes",
+                pred_boxes.len(),
+                pred_scores.len()
+            )),
+        });
+    }
+
+    let on_cuda = det.device.is_cuda();
+    let nms_thresh = python_float(p.box_nms_thresh);
+    let mut out = Vec::with_capacity(proposals.len());
+    let mut start = 0;
+    for (props, size) in proposals.iter().zip(sizes) {
+        let mut boxes = Vec::new();
+        let mut scores = Vec::new();
+        let mut labels = Vec::new();
+        // Every (proposal, foreground class) pair, row-major, as boxes[:, 1:].reshape(-1, 4).
+        for row in start..start + props.len() {
+            for class in 1..num_classes {
+                let b = clip_box(pred_boxes[row * num_classes + class], *size);
+                let s = pred_scores[row * num_classes + class];
+                if s > p.box_score_thresh && big_enough(&b, DETECTION_MIN_BOX_SIZE) {
+                    boxes.push(b);
+                    scores.push(s);
+                    labels.push(class as i64);
+                }
+            }
+        }
+        start += props.len();
+        let keep = batched_nms(&boxes, &scores, &labels, nms_thresh, on_cuda)?;
+        let keep = &keep[..keep.len().min(p.box_detections_per_img)];
+        out.push(Detections {
+            boxes: keep.iter().map(|&i| boxes[i]).collect(),
+            scores: keep.iter().map(|&i| scores[i]).collect(),
+            labels: keep.iter().map(|&i| labels[i]).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// `transform.postprocess` / `resize_boxes`: x · (original / resized) in float32.
+fn rescale(mut d: Detections, resized: [i64; 2], original: [i64; 2]) -> Detections {
+    let ratio_h = original[0] as f32 / resized[0] as f32;
+    let ratio_w = original[1] as f32 / resized[1] as f32;
+    for b in &mut d.boxes {
+        *b = [b[0] * ratio_w, b[1] * ratio_h, b[2] * ratio_w, b[3] * ratio_h];
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_matches_eager_where_float32_is_a_pixel_short() {
+        // DESIGN: 320x200 at 800/1333 becomes 512x320 in eager PyTorch.
+        assert_eq!(resized_size(200, 320, 800, 1333), [800, 1280]);
+        assert_eq!(resized_size(320, 200, 512, 1333), [819, 512]);
+        assert_eq!(resized_size(480, 640, 320, 640), [320, 426]);
+    }
+
+    #[test]
+    fn clip_and_small_boxes() {
+        assert_eq!(clip_box([-1.0, 2.0, 50.0, 70.0], [60, 40]), [0.0, 2.0, 40.0, 60.0]);
+        assert!(!big_enough(&[1.0, 1.0, 1.0005, 3.0], 1e-3));
+        assert!(big_enough(&[1.0, 1.0, 1.5, 3.0], 1e-3));
+    }
+}

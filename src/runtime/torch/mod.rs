@@ -1,0 +1,218 @@
+//! torchvision's FasterRCNN run natively on libtorch (through tch): the PyTorch side of
+//! mkonnx's evaluations and parity checks when no eager evaluation is at hand.
+//!
+//! The network layers come from [`crate::model::network`] (the same description the ONNX
+//! exporter emits), executed by [`TchBackend`]. Around them, [`TorchDetector::detect`]
+//! spells out torchvision's eager inference (`GeneralizedRCNN.forward` in eval mode) op for
+//! op: `GeneralizedRCNNTransform`, `AnchorGenerator`, `RegionProposalNetwork`,
+//! `MultiScaleRoIAlign`, `RoIHeads.postprocess_detections`, `transform.postprocess`.
+//!
+//! Exactness: on CPU with one thread the outputs are bit-identical to eager torchvision
+//! (same libtorch kernels on same-shaped tensors; [`ops`] replays torchvision's CPU `nms` and
+//! `roi_align` and torch's unstable sort). What has to hold for that:
+//! - elementwise transcendental ops (`exp`, `sigmoid`, `log2`) run on tensors of exactly the
+//!   shapes eager uses, because ATen computes a contiguous loop's tail with the scalar libm
+//!   function and the rest with SIMD ones, which can differ in the last bit;
+//! - hyperparameters that Python passes as doubles (NMS thresholds, BatchNorm eps) are read
+//!   back as the decimal the config held ([`ops::python_float`]);
+//! - `MultiScaleRoIAlign` fixes its level scales on the first batch it sees, as
+//!   torchvision's module does (it caches them), so a detector answers a sequence of calls
+//!   as one eager model object would.
+//!
+//! With more threads, libtorch splits loops differently and scores may move in the last
+//! bits. On CUDA the network runs on the GPU; NMS and RoIAlign run on the CPU (the feature
+//! maps are copied), matching torchvision's CPU kernels rather than its CUDA ones.
+
+mod backend;
+mod detect;
+pub mod ops;
+
+pub use backend::TchBackend;
+pub use tch::Device;
+
+use crate::model::anchors::cell_anchors;
+use crate::model::weights::WeightError;
+use crate::model::{Architecture, Detector, DetectorParams};
+use backend::WeightStore;
+use serde::{Deserialize, Serialize};
+use std::cell::OnceCell;
+
+/// Errors of the libtorch runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// CUDA was asked for, but libtorch sees no GPU.
+    #[error("device `{requested}` requested, but libtorch sees no CUDA GPU (torch::cuda::is_available() is false); use --device cpu")]
+    CudaUnavailable {
+        /// The device as the user named it.
+        requested: String,
+    },
+    /// A device name that is neither `cpu`, `cuda` nor `cuda:N`.
+    #[error("unknown device `{0}` (expected cpu, cuda or cuda:N)")]
+    UnknownDevice(String),
+    /// The checkpoint does not fit the architecture.
+    #[error("weights do not fit {arch}: {source}")]
+    Weights {
+        /// The architecture being run.
+        arch: Architecture,
+        /// What is missing or mis-shaped.
+        source: WeightError,
+    },
+    /// An input image that is not a float32 [3, H, W] tensor with H, W > 0.
+    #[error("image {index}: {reason}")]
+    BadImage {
+        /// Position in the batch.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A libtorch operation failed.
+    #[error("libtorch failed in {step}: {source}")]
+    Torch {
+        /// The inference step.
+        step: String,
+        /// libtorch's message.
+        source: tch::TchError,
+    },
+    /// NMS or RoIAlign was given inconsistent inputs (a bug, reported instead of a crash).
+    #[error("{0}")]
+    Ops(#[from] ops::OpsError),
+}
+
+/// Helper: attaches the inference step to a libtorch error.
+pub(crate) trait TorchContext<T> {
+    fn step(self, step: &str) -> Result<T, RuntimeError>;
+}
+
+impl<T> TorchContext<T> for Result<T, tch::TchError> {
+    fn step(self, step: &str) -> Result<T, RuntimeError> {
+        self.map_err(|source| RuntimeError::Torch { step: step.to_string(), source })
+    }
+}
+
+/// The detections of one image, as `model(images)` returns them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Detections {
+    /// (x1, y1, x2, y2) in pixels of the original image.
+    pub boxes: Vec<[f32; 4]>,
+    /// Class scores, decreasing.
+    pub scores: Vec<f32>,
+    /// 1-indexed categories.
+    pub labels: Vec<i64>,
+}
+
+/// Intermediate values of one image's inference, for debugging against eager.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Input [height, width].
+    pub original_size: [i64; 2],
+    /// [height, width] after the transform's resize.
+    pub resized_size: [i64; 2],
+    /// [height, width] of the padded batch tensor.
+    pub padded_size: [i64; 2],
+    /// RPN proposals after NMS (resized frame), by decreasing objectness.
+    pub proposals: Vec<[f32; 4]>,
+}
+
+/// `MultiScaleRoIAlign`'s cached setup: the scale of each pooled level and the level
+/// mapper's range.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RoiLevels {
+    pub scales: Vec<f64>,
+    pub k_min: i64,
+    pub k_max: i64,
+}
+
+/// A FasterRCNN ready to run on libtorch: weights converted once to tensors on `device`.
+///
+/// Not `Sync` (tch tensors are not): use one per thread, or a lock.
+pub struct TorchDetector {
+    arch: Architecture,
+    params: DetectorParams,
+    device: Device,
+    store: WeightStore,
+    /// Cell anchors per feature level (torchvision's `AnchorGenerator.cell_anchors`).
+    cell_anchors: Vec<Vec<[f32; 4]>>,
+    /// Set by the first batch, then kept, as in torchvision.
+    roi_levels: OnceCell<RoiLevels>,
+}
+
+impl TorchDetector {
+    /// Converts `detector`'s weights to tensors on `device`. Fails if `device` is CUDA and
+    /// libtorch has no GPU.
+    pub fn new(detector: &Detector, device: Device) -> Result<Self, RuntimeError> {
+        check_device(device, &format!("{device:?}"))?;
+        let _guard = tch::no_grad_guard();
+        let store = WeightStore::new(&detector.weights, device, detector.arch)?;
+        let arch = detector.arch;
+        let cell_anchors = arch.anchor_sizes().iter().zip(arch.aspect_ratios()).map(|(s, r)| cell_anchors(s, &r)).collect();
+        Ok(TorchDetector { arch, params: detector.params.clone(), device, store, cell_anchors, roi_levels: OnceCell::new() })
+    }
+
+    /// The architecture this detector runs.
+    pub fn arch(&self) -> Architecture {
+        self.arch
+    }
+
+    /// Its inference hyperparameters.
+    pub fn params(&self) -> &DetectorParams {
+        &self.params
+    }
+
+    /// The device the network runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// `model(images)` in eval mode: one batch of [3, H, W] float32 images in 0..1 (any
+    /// device; sizes may differ), one [`Detections`] per image.
+    pub fn detect(&self, images: &[tch::Tensor]) -> Result<Vec<Detections>, RuntimeError> {
+        Ok(self.detect_traced(images)?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// [`detect`](Self::detect) with each image's [`Trace`].
+    pub fn detect_traced(&self, images: &[tch::Tensor]) -> Result<Vec<(Detections, Trace)>, RuntimeError> {
+        let _guard = tch::no_grad_guard();
+        detect::run(self, images)
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`; CUDA only when libtorch sees a GPU.
+pub fn parse_device(name: &str) -> Result<Device, RuntimeError> {
+    let device = match name.trim() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => return Err(RuntimeError::UnknownDevice(name.to_string())),
+        },
+    };
+    check_device(device, name)?;
+    Ok(device)
+}
+
+fn check_device(device: Device, requested: &str) -> Result<(), RuntimeError> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(i) if tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count() => Ok(()),
+        Device::Cuda(_) => Err(RuntimeError::CudaUnavailable { requested: requested.to_string() }),
+        other => Err(RuntimeError::UnknownDevice(format!("{other:?}"))),
+    }
+}
+
+/// Sets libtorch's intra-op thread count (process-wide). One thread gives results that are
+/// bit-identical to eager PyTorch run with one thread.
+pub fn set_num_threads(threads: usize) {
+    tch::set_num_threads(threads.clamp(1, i32::MAX as usize) as i32);
+}
+
+/// torchvision's `to_tensor` of an 8-bit RGB image (row-major `height`×`width`×3 bytes):
+/// a float32 [3, H, W] tensor of `byte / 255`.
+pub fn image_from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<tch::Tensor, RuntimeError> {
+    if rgb.len() != width * height * 3 || width == 0 || height == 0 {
+        return Err(RuntimeError::BadImage { index: 0, reason: format!("{} bytes for a {width}x{height} RGB image", rgb.len()) });
+    }
+    let t = tch::Tensor::f_from_slice(rgb).step("image conversion")?;
+    let t = t.f_view([height as i64, width as i64, 3]).step("image conversion")?;
+    let t = t.f_permute([2, 0, 1]).and_then(|t| t.f_contiguous()).step("image conversion")?;
+    t.f_to_kind(tch::Kind::Float).and_then(|t| t.f_div_scalar(255)).step("image conversion")
+}

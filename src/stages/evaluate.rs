@@ -1,0 +1,382 @@
+//! Evaluation stages: COCO ground truth, the ONNX and PyTorch evaluations, the user's own
+//! PyTorch evaluation, and the comparison.
+
+use super::convert::{read_json, ModelInfo};
+use crate::data::dataset::Dataset;
+use crate::engine::{Stage, StageContext};
+use crate::eval::coco::{self, CocoAnnotation, CocoCategory, CocoDetection, CocoGroundTruth, CocoImage, CocoMetrics};
+use crate::eval::compare::{Comparison, DatasetCheck, Headline};
+use crate::runtime::{Detections, ImageBatch, RgbImage};
+use anyhow::Context;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Facts about the evaluated dataset, recorded next to its ground truth.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatasetInfo {
+    /// Dataset name (directory base name).
+    pub name: String,
+    /// blake3 over the index and every image, in order.
+    pub hash: String,
+    /// Number of images.
+    pub images: usize,
+}
+
+/// Node-input name of a dataset's index file.
+pub const DATASET_INDEX_INPUT: &str = "dataset.jsonl";
+
+/// The dataset whose index is the stage's `dataset.jsonl` input.
+fn dataset_of(ctx: &StageContext<'_>) -> anyhow::Result<Dataset> {
+    let index = ctx.input_file(DATASET_INDEX_INPUT)?;
+    let dir = index.parent().context("dataset index has no directory")?;
+    Ok(Dataset::load(dir)?)
+}
+
+/// blake3 over the dataset index and images (their content hashes, in order).
+fn dataset_hash(ctx: &StageContext<'_>) -> anyhow::Result<String> {
+    let mut h = blake3::Hasher::new_derive_key("mkonnx.dataset.v1");
+    for (name, _) in ctx.file_inputs() {
+        if name == DATASET_INDEX_INPUT || name.starts_with("image:") {
+            h.update(name.as_bytes());
+            h.update(ctx.input_file_hash(name)?.as_bytes());
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Stage `ground_truth`: `ground_truth_coco.json` from `dataset.jsonl`, categories named
+/// from the config's class names. Shared by every run with the same dataset and classes.
+pub struct GroundTruth {
+    /// Foreground class names (label 1 first); labels past the list are named `class_<n>`.
+    pub class_names: Vec<String>,
+}
+
+impl Stage for GroundTruth {
+    fn name(&self) -> &'static str {
+        "ground_truth"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "class_names": self.class_names })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let ds = dataset_of(ctx)?;
+        let gt = ground_truth(&ds, &self.class_names)?;
+        let info = DatasetInfo { name: ds.name.clone(), hash: dataset_hash(ctx)?, images: ds.images.len() };
+        ctx.write_output("ground_truth_coco.json", serde_json::to_vec_pretty(&gt)?)?;
+        ctx.write_output("dataset.json", serde_json::to_vec_pretty(&info)?)?;
+        Ok(())
+    }
+}
+
+/// COCO ground truth of a dataset. Annotation ids start at 1 (pycocotools treats id 0 as
+/// "unmatched"); area is w·h; image sizes come from the line or the image header.
+/// Categories are 1..=max(names, largest label): categories without ground truth do not
+/// change COCO's means, and every labelled class must be listed.
+pub fn ground_truth(ds: &Dataset, class_names: &[String]) -> anyhow::Result<CocoGroundTruth> {
+    let sizes: Vec<(u32, u32)> =
+        ds.images
+            .par_iter()
+            .map(|img| match (img.width, img.height) {
+                (Some(w), Some(h)) => Ok((w, h)),
+                _ => image::image_dimensions(ds.image_path(img))
+                    .with_context(|| format!("reading the size of {}", ds.image_path(img).display())),
+            })
+            .collect::<anyhow::Result<_>>()?;
+    let mut gt = CocoGroundTruth::default();
+    for (img, (w, h)) in ds.images.iter().zip(sizes) {
+        gt.images.push(CocoImage { id: img.id as i64, file_name: Some(img.image.clone()), width: Some(w), height: Some(h) });
+        for (b, &label) in img.boxes.iter().zip(&img.labels) {
+            let (bw, bh) = (b[2] - b[0], b[3] - b[1]);
+            gt.annotations.push(CocoAnnotation {
+                id: gt.annotations.len() as i64 + 1,
+                image_id: img.id as i64,
+                category_id: i64::from(label),
+                bbox: [b[0], b[1], bw, bh],
+                area: bw * bh,
+                iscrowd: false,
+                ignore: None,
+            });
+        }
+    }
+    let max_label = ds.images.iter().flat_map(|i| i.labels.iter().copied()).max().unwrap_or(0) as usize;
+    gt.categories = (1..=class_names.len().max(max_label))
+        .map(|id| CocoCategory {
+            id: id as i64,
+            name: class_names.get(id - 1).cloned().unwrap_or_else(|| format!("class_{id}")),
+            supercategory: None,
+        })
+        .collect();
+    Ok(gt)
+}
+
+/// What an evaluation records besides COCO's stats.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MetricsFile {
+    /// COCO metrics (all 12, named).
+    #[serde(flatten)]
+    pub metrics: CocoMetrics,
+    /// Which model was evaluated (`onnx` or `pytorch`).
+    pub model: String,
+    /// Dataset name, hash and image count.
+    pub dataset: DatasetInfo,
+    /// Who produced the file; mkonnx's own PyTorch evaluations say `mkonnx`, which tells them
+    /// apart from a user's evaluation in the same directory.
+    pub producer: String,
+}
+
+/// Runs `detect` over the dataset and writes `<prefix>_metrics.json`,
+/// `<prefix>_predictions.json`, `ground_truth_coco.json` and `visualizations/`.
+pub fn evaluate_dataset(
+    ctx: &mut StageContext<'_>,
+    prefix: &str,
+    info: &ModelInfo,
+    visualizations: usize,
+    detect: &(dyn Fn(&ImageBatch) -> anyhow::Result<Vec<Detections>> + Sync),
+) -> anyhow::Result<()> {
+    let ds = dataset_of(ctx)?;
+    ds.check_labels(info.params.num_classes)?;
+    let gt_bytes = ctx.read_input_artifact("ground_truth", "ground_truth_coco.json")?;
+    let gt: CocoGroundTruth = serde_json::from_slice(&gt_bytes)?;
+    let dataset: DatasetInfo = read_json(ctx, "ground_truth", "dataset.json")?;
+
+    // Decode in parallel, then run same-size neighbours as one batch.
+    let images: Vec<RgbImage> = ds.images.par_iter().map(|img| RgbImage::load(&ds.image_path(img))).collect::<Result<_, _>>()?;
+    let mut detections: Vec<Detections> = Vec::with_capacity(images.len());
+    let mut start = 0;
+    while start < images.len() {
+        let mut end = start + 1;
+        while end < images.len()
+            && end - start < MAX_BATCH
+            && images[end].height == images[start].height
+            && images[end].width == images[start].width
+        {
+            end += 1;
+        }
+        let refs: Vec<&RgbImage> = images[start..end].iter().collect();
+        let batch = ImageBatch::stack(&refs).expect("same-size images stack");
+        detections.extend(
+            detect(&batch).with_context(|| format!("running the {prefix} model on {}", ds.image_path(&ds.images[start]).display()))?,
+        );
+        start = end;
+    }
+
+    let mut predictions = Vec::new();
+    for (img, det) in ds.images.iter().zip(&detections) {
+        for ((b, &s), &l) in det.boxes.iter().zip(&det.scores).zip(&det.labels) {
+            let [x1, y1, x2, y2] = b.map(f64::from);
+            predictions.push(CocoDetection {
+                image_id: img.id as i64,
+                category_id: l,
+                bbox: [x1, y1, x2 - x1, y2 - y1],
+                score: f64::from(s),
+            });
+        }
+    }
+    let metrics = coco::evaluate(&gt, &predictions)?;
+    let file = MetricsFile { metrics, model: prefix.into(), dataset, producer: "mkonnx".into() };
+    ctx.write_output(&format!("{prefix}_metrics.json"), serde_json::to_vec_pretty(&file)?)?;
+    ctx.write_output(&format!("{prefix}_predictions.json"), serde_json::to_vec(&predictions)?)?;
+    ctx.write_output("ground_truth_coco.json", &gt_bytes)?;
+
+    let pictures: Vec<(String, Vec<u8>)> = images
+        .par_iter()
+        .zip(ds.images.par_iter())
+        .zip(detections.par_iter())
+        .take(visualizations)
+        .enumerate()
+        .map(|(i, ((rgb, img), det))| -> anyhow::Result<(String, Vec<u8>)> {
+            let png = super::visualize(rgb, det, img, info)?;
+            Ok((format!("visualizations/{i:04}_detected.png"), png))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for (name, png) in pictures {
+        ctx.write_output(&name, png)?;
+    }
+    Ok(())
+}
+
+/// Images run together when they have the same size.
+const MAX_BATCH: usize = 4;
+
+/// Stage `evaluate_onnx`: the ONNX model in ONNX Runtime over the dataset.
+pub struct EvaluateOnnx {
+    /// Pictures to draw.
+    pub visualizations: usize,
+    /// ONNX Runtime intra-op threads (not part of the key: results do not depend on it).
+    pub threads: usize,
+}
+
+impl Stage for EvaluateOnnx {
+    fn name(&self) -> &'static str {
+        "evaluate_onnx"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "visualizations": self.visualizations })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let onnx = ctx.input_artifact("onnx", "model.onnx")?;
+        let detector = crate::runtime::onnx::OnnxDetector::load(&onnx, self.threads)?;
+        evaluate_dataset(ctx, "onnx", &info, self.visualizations, &|b| Ok(detector.detect(b)?))
+    }
+}
+
+/// Stage `pytorch_metrics_from_user`: the user's own evaluation (`eval_<ds>_<ckpt>/`),
+/// normalized. Recognised: a metrics JSON with a `stats` list of 12 (pycocotools order) or
+/// the keys AP, AP50, AP75, AR100 (any case; `mAP`, `map`, `map_50`, `map_75`, `mar_100` too).
+pub struct UserPytorchMetrics;
+
+impl Stage for UserPytorchMetrics {
+    fn name(&self) -> &'static str {
+        "pytorch_metrics_from_user"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let path = ctx.input_file("metrics")?.to_path_buf();
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let headline = user_headline(&v).with_context(|| {
+            format!("{}: no COCO metrics found (expected `stats` with 12 numbers, or AP/AP50/AP75/AR100)", path.display())
+        })?;
+        ctx.write_output("headline.json", serde_json::to_vec_pretty(&headline)?)?;
+        Ok(())
+    }
+}
+
+/// Reads the headline metrics out of a user's metrics JSON.
+pub fn user_headline(v: &serde_json::Value) -> Option<Headline> {
+    if let Some(stats) = v.get("stats").and_then(|s| s.as_array()).filter(|s| s.len() == 12) {
+        let s: Vec<f64> = stats.iter().filter_map(|x| x.as_f64()).collect();
+        if s.len() == 12 {
+            return Some(Headline::from_stats(&s.try_into().ok()?));
+        }
+    }
+    let obj = v.as_object()?;
+    let find = |names: &[&str]| obj.iter().find(|(k, _)| names.iter().any(|n| k.eq_ignore_ascii_case(n))).and_then(|(_, v)| v.as_f64());
+    Some(Headline {
+        ap: find(&["AP", "mAP", "map", "bbox_mAP"])?,
+        ap50: find(&["AP50", "map_50", "mAP_50", "bbox_mAP_50"])?,
+        ap75: find(&["AP75", "map_75", "mAP_75", "bbox_mAP_75"])?,
+        ar100: find(&["AR100", "mar_100", "AR@100"])?,
+    })
+}
+
+/// Stage `compare`: `comparison.json` from both sides' metrics.
+pub struct Compare {
+    /// Where the PyTorch metrics come from, for the file ("libtorch (mkonnx)" or a path).
+    pub pytorch_source: Option<String>,
+}
+
+impl Stage for Compare {
+    fn name(&self) -> &'static str {
+        "compare"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "pytorch_source": self.pytorch_source })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let onnx: MetricsFile = read_json(ctx, "onnx_eval", "onnx_metrics.json")?;
+        let ours_gt = ctx.read_input_artifact("onnx_eval", "ground_truth_coco.json")?;
+        let inputs = ctx.node_inputs().into_iter().map(str::to_string).collect::<Vec<_>>();
+        let pytorch = if inputs.iter().any(|i| i == "pytorch_eval") {
+            let m: MetricsFile = read_json(ctx, "pytorch_eval", "pytorch_metrics.json")?;
+            let gt = ctx.read_input_artifact("pytorch_eval", "ground_truth_coco.json")?;
+            Some((Headline::from_stats(&m.metrics.stats), Some(m.dataset.hash), Some(m.dataset.images), Some(gt == ours_gt)))
+        } else if inputs.iter().any(|i| i == "pytorch_user") {
+            let h: Headline = read_json(ctx, "pytorch_user", "headline.json")?;
+            let same_gt = ctx.file_inputs().iter().find(|(n, _)| *n == "user_ground_truth").map(|(_, p)| same_ground_truth(p, &ours_gt));
+            Some((h, None, None, same_gt))
+        } else {
+            None
+        };
+        let source = self.pytorch_source.clone().unwrap_or_default();
+        let (headline, check) = match pytorch {
+            Some((h, hash, images, same_gt)) => {
+                let consistent = hash.as_ref().is_none_or(|x| *x == onnx.dataset.hash)
+                    && images.is_none_or(|n| n == onnx.dataset.images)
+                    && same_gt != Some(false);
+                (
+                    Some((h, source)),
+                    DatasetCheck {
+                        onnx_dataset_hash: onnx.dataset.hash.clone(),
+                        pytorch_dataset_hash: hash,
+                        onnx_images: onnx.dataset.images,
+                        pytorch_images: images,
+                        same_ground_truth: same_gt,
+                        consistent,
+                    },
+                )
+            }
+            None => (
+                None,
+                DatasetCheck {
+                    onnx_dataset_hash: onnx.dataset.hash.clone(),
+                    pytorch_dataset_hash: None,
+                    onnx_images: onnx.dataset.images,
+                    pytorch_images: None,
+                    same_ground_truth: None,
+                    consistent: true,
+                },
+            ),
+        };
+        let comparison = Comparison::new(Headline::from_stats(&onnx.metrics.stats), headline, check);
+        ctx.write_output("comparison.json", serde_json::to_vec_pretty(&comparison)?)?;
+        Ok(())
+    }
+}
+
+/// Whether a user's ground-truth file describes the same images and annotations as ours
+/// (compared as COCO content, not bytes: key order and float formatting may differ).
+fn same_ground_truth(user: &Path, ours: &[u8]) -> bool {
+    let (Ok(u), Ok(o)) = (CocoGroundTruth::from_path(user), serde_json::from_slice::<CocoGroundTruth>(ours)) else {
+        return false;
+    };
+    let key = |g: &CocoGroundTruth| {
+        let mut images: Vec<i64> = g.images.iter().map(|i| i.id).collect();
+        images.sort_unstable();
+        let mut anns: Vec<(i64, i64, [i64; 4])> =
+            g.annotations.iter().map(|a| (a.image_id, a.category_id, a.bbox.map(|v| (v * 1000.0).round() as i64))).collect();
+        anns.sort_unstable();
+        (images, anns)
+    };
+    key(&u) == key(&o)
+}
+
+/// The user's evaluation files for a run, if they made one: (metrics file, ground truth).
+pub fn find_user_evaluation(eval_dir: &Path) -> Option<(PathBuf, Option<PathBuf>)> {
+    let metrics = ["pytorch_metrics.json", "metrics.json", "coco_metrics.json"].iter().map(|n| eval_dir.join(n)).find(|p| p.is_file())?;
+    // A directory mkonnx wrote itself is not the user's.
+    let text = std::fs::read_to_string(&metrics).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v.get("producer").and_then(|p| p.as_str()) == Some("mkonnx") {
+        return None;
+    }
+    let gt = eval_dir.join("ground_truth_coco.json");
+    Some((metrics, gt.is_file().then_some(gt)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_metrics_styles() {
+        let v = serde_json::json!({"stats": [0.1,0.2,0.3,0,0,0,0,0,0.4,0,0,0]});
+        assert_eq!(user_headline(&v).unwrap().ar100, 0.4);
+        let v = serde_json::json!({"mAP": 0.5, "map_50": 0.7, "map_75": 0.6, "mar_100": 0.55});
+        assert_eq!(user_headline(&v).unwrap().ap50, 0.7);
+        assert!(user_headline(&serde_json::json!({"loss": 1.0})).is_none());
+    }
+}

@@ -1,0 +1,223 @@
+//! The real stages of a conversion, and the planner that wires them into one build graph
+//! for all runs of an invocation.
+//!
+//! Per run:
+//! ```text
+//! checkpoint, config ─► resolve_model ─► export_onnx ─► conversion_summary
+//!                              │             │   ▲
+//!                              │             ▼   │
+//!          sample image ───────┴────────► parity_check
+//! dataset ─► ground_truth (shared by runs) ─► evaluate_onnx ─┐
+//!                              └──────────► evaluate_pytorch ┴► compare
+//!                                   (or the user's own eval: pytorch_metrics_from_user)
+//! ```
+
+pub mod convert;
+pub mod evaluate;
+pub mod parity;
+pub mod summary;
+
+use crate::data::dataset::{Dataset, INDEX_FILE};
+use crate::data::run_dir::{file_tag, RunDir};
+use crate::engine::{Graph, NodeHandle, NodeSpec};
+use crate::runtime::{Detections, RgbImage};
+use std::path::PathBuf;
+
+/// Which device runs the PyTorch model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CPU.
+    Cpu,
+    /// First CUDA GPU.
+    Cuda,
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct BuildRequest {
+    /// The runs.
+    pub runs: Vec<RunDir>,
+    /// The dataset, when given.
+    pub dataset: Option<Dataset>,
+    /// The parity sample image when given (else the dataset's first image).
+    pub image_input: Option<PathBuf>,
+    /// Whether to evaluate and compare.
+    pub evaluate: bool,
+    /// Whether to run the parity check.
+    pub parity: bool,
+    /// Keep the ONNX model even when parity fails.
+    pub keep_failed_parity: bool,
+    /// PyTorch device.
+    pub device: Device,
+    /// Threads per stage for libtorch / ONNX Runtime.
+    pub threads: usize,
+    /// Visualizations per evaluation.
+    pub visualizations: usize,
+}
+
+/// The nodes planned for one run (for reports).
+#[derive(Clone, Debug)]
+pub struct PlannedRun {
+    /// The run's label (its directory as given).
+    pub label: String,
+    /// Its `compare` node, when evaluating.
+    pub compare: Option<NodeHandle>,
+    /// Its parity node, when checking parity.
+    pub parity: Option<NodeHandle>,
+}
+
+/// Adds a dataset's files (index + every image) as file inputs of a node.
+fn with_dataset(mut spec: NodeSpec, ds: &Dataset) -> NodeSpec {
+    spec = spec.file(evaluate::DATASET_INDEX_INPUT, ds.dir.join(INDEX_FILE));
+    for img in &ds.images {
+        spec = spec.file(format!("image:{}", img.image), ds.image_path(img));
+    }
+    spec
+}
+
+/// The config's foreground class names (cheap: the planner reads only the YAML, never the
+/// checkpoint, so a no-op rebuild stays a matter of stats).
+fn planned_class_names(run: &RunDir) -> anyhow::Result<Vec<String>> {
+    let cfg = crate::data::hydra::TrainingConfig::load(&run.config)?;
+    Ok(cfg.class_names.map(|(_, names)| crate::model::resolve::foreground_names(&names).to_vec()).unwrap_or_default())
+}
+
+/// Builds the graph for `req`; each run's nodes carry the run directory as label.
+pub fn plan(req: &BuildRequest) -> anyhow::Result<(Graph, Vec<PlannedRun>)> {
+    let mut g = Graph::new();
+    let mut planned = Vec::new();
+    for run in &req.runs {
+        let label = run.root.display().to_string();
+        let onnx_dir = run.onnx_dir();
+        let model =
+            g.add(NodeSpec::new(convert::ResolveModel).label(&label).file("checkpoint", &run.checkpoint).file("config", &run.config))?;
+        let onnx = g.add(
+            NodeSpec::new(convert::ExportOnnx)
+                .label(&label)
+                .file("checkpoint", &run.checkpoint)
+                .input("model", model)
+                .materialize("model.onnx", onnx_dir.join("model.onnx")),
+        )?;
+
+        let sample = req.image_input.clone().or_else(|| req.dataset.as_ref().map(|d| d.image_path(&d.images[0])));
+        let parity = match (req.parity, sample) {
+            (true, Some(image)) => Some(
+                g.add(
+                    NodeSpec::new(parity::ParityCheck {
+                        device: req.device,
+                        threads: req.threads,
+                        sample_name: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        keep_failed: req.keep_failed_parity,
+                    })
+                    .label(&label)
+                    .file("checkpoint", &run.checkpoint)
+                    .file("image", &image)
+                    .input("model", model)
+                    .input("onnx", onnx),
+                )?,
+            ),
+            _ => None,
+        };
+        let mut summary = NodeSpec::new(summary::ConversionSummary { checkpoint_name: file_tag_name(run) })
+            .label(&label)
+            .file("checkpoint", &run.checkpoint)
+            .file("config", &run.config)
+            .input("model", model)
+            .input("onnx", onnx)
+            .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
+        if let Some(p) = parity {
+            summary = summary.input("parity", p);
+        }
+        g.add(summary)?;
+
+        let mut compare = None;
+        if let (true, Some(ds)) = (req.evaluate, req.dataset.as_ref()) {
+            let class_names = planned_class_names(run)?;
+            let gt = g.add(with_dataset(NodeSpec::new(evaluate::GroundTruth { class_names }).label(&label), ds))?;
+            let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
+            let onnx_eval = g.add(
+                with_dataset(NodeSpec::new(evaluate::EvaluateOnnx { visualizations: req.visualizations, threads: req.threads }), ds)
+                    .label(&label)
+                    .input("model", model)
+                    .input("onnx", onnx)
+                    .input("ground_truth", gt)
+                    .materialize_dir("", onnx_eval_dir),
+            )?;
+            let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
+            let cmp = match evaluate::find_user_evaluation(&pt_dir) {
+                Some((metrics, user_gt)) => {
+                    let source = format!(
+                        "{}/{}",
+                        pt_dir.file_name().unwrap_or_default().to_string_lossy(),
+                        metrics.file_name().unwrap_or_default().to_string_lossy()
+                    );
+                    let user = g.add(NodeSpec::new(evaluate::UserPytorchMetrics).label(&label).file("metrics", &metrics))?;
+                    let cmp = NodeSpec::new(evaluate::Compare { pytorch_source: Some(format!("user evaluation {source}")) })
+                        .label(&label)
+                        .input("onnx_eval", onnx_eval)
+                        .input("pytorch_user", user);
+                    match user_gt {
+                        Some(p) => cmp.file("user_ground_truth", p),
+                        None => cmp,
+                    }
+                }
+                None => {
+                    let pt = g.add(
+                        with_dataset(
+                            NodeSpec::new(parity::EvaluatePytorch {
+                                device: req.device,
+                                threads: req.threads,
+                                visualizations: req.visualizations,
+                            }),
+                            ds,
+                        )
+                        .label(&label)
+                        .file("checkpoint", &run.checkpoint)
+                        .input("model", model)
+                        .input("ground_truth", gt)
+                        .materialize_dir("", pt_dir),
+                    )?;
+                    NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
+                        .label(&label)
+                        .input("onnx_eval", onnx_eval)
+                        .input("pytorch_eval", pt)
+                }
+            };
+            compare = Some(g.add(cmp.materialize("comparison.json", onnx_dir.join("comparison.json")))?);
+        }
+        planned.push(PlannedRun { label, compare, parity });
+    }
+    Ok((g, planned))
+}
+
+fn file_tag_name(run: &RunDir) -> String {
+    run.checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Draws one evaluation picture: predictions with class names and scores over the image,
+/// ground truth in another colour.
+pub fn visualize(
+    rgb: &RgbImage,
+    det: &Detections,
+    img: &crate::data::dataset::DatasetImage,
+    info: &convert::ModelInfo,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::eval::visualize::{draw_detections, encode_png, from_chw, DrawBox, Style};
+    let base = from_chw(&rgb.chw, rgb.height, rgb.width)?;
+    let preds: Vec<DrawBox> = det
+        .boxes
+        .iter()
+        .zip(&det.scores)
+        .zip(&det.labels)
+        .map(|((b, &s), &l)| DrawBox { bbox: *b, label: info.class_name(l), score: Some(s), class_id: usize::try_from(l).ok() })
+        .collect();
+    let gt: Vec<DrawBox> = img
+        .boxes
+        .iter()
+        .zip(&img.labels)
+        .map(|(b, &l)| DrawBox { bbox: b.map(|v| v as f32), label: info.class_name(i64::from(l)), score: None, class_id: Some(l as usize) })
+        .collect();
+    let drawn = draw_detections(&base, &preds, &gt, &Style::default());
+    Ok(encode_png(&drawn)?)
+}

@@ -1,0 +1,140 @@
+//! Stages that run the PyTorch model on libtorch: the parity check of a conversion on its
+//! sample image, and the PyTorch-side evaluation when the user has none.
+
+use super::convert::{load_detector, read_json, ModelInfo};
+use super::evaluate::evaluate_dataset;
+use super::Device;
+use crate::engine::{Stage, StageContext};
+use crate::eval::parity::{compare, ParityResult, ONNX_TOLERANCE};
+use crate::model::Detector;
+use crate::runtime::onnx::OnnxDetector;
+use crate::runtime::{Detections, ImageBatch, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// `parity.json`: how the ONNX model agrees with the PyTorch model on the sample image.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ParityReport {
+    /// The sample image's file name.
+    pub image: String,
+    /// The comparison (PyTorch is the reference).
+    pub result: ParityResult,
+    /// Whether it is within the tolerances (1e-3 score, 0.1 px box).
+    pub passed: bool,
+}
+
+impl ParityReport {
+    /// The one-line summary printed by `mkonnx build` and written to the summary.
+    pub fn line(&self) -> String {
+        let r = &self.result;
+        format!(
+            "parity {} on {}: pytorch {} / onnx {} detections, {} matched, max |score diff| {:.2e}, max |box diff| {:.4} px{}",
+            if self.passed { "OK" } else { "FAILED" },
+            self.image,
+            r.reference,
+            r.candidate,
+            r.matched,
+            r.max_score_diff,
+            r.max_box_diff,
+            if r.flips_at_cut.is_empty() { String::new() } else { format!(", {} near-tie flip(s) at a cut", r.flips_at_cut.len()) }
+        )
+    }
+}
+
+/// Stage `parity_check`.
+pub struct ParityCheck {
+    /// libtorch device.
+    pub device: Device,
+    /// Threads for libtorch and ONNX Runtime (not in the key).
+    pub threads: usize,
+    /// The sample's file name, for the report.
+    pub sample_name: String,
+    /// Succeed even when parity fails (`--keep-failed-parity`), keeping the model.
+    pub keep_failed: bool,
+}
+
+impl Stage for ParityCheck {
+    fn name(&self) -> &'static str {
+        "parity_check"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "device": self.device, "sample": self.sample_name, "keep_failed": self.keep_failed })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let image = RgbImage::load(ctx.input_file("image")?)?;
+        let batch = image.to_batch();
+        let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
+        let torch = LibtorchDetector::new(&detector, self.device, self.threads)?.detect(&batch)?.remove(0);
+        let onnx = OnnxDetector::load(&ctx.input_artifact("onnx", "model.onnx")?, self.threads)?.detect(&batch)?.remove(0);
+        let result = compare(&torch, &onnx, ONNX_TOLERANCE, info.params.box_score_thresh);
+        let report = ParityReport { image: self.sample_name.clone(), passed: result.passed(ONNX_TOLERANCE), result };
+        if !report.passed && !self.keep_failed {
+            let details: Vec<&String> = report.result.mismatches.iter().take(3).collect();
+            anyhow::bail!(
+                "{}; the ONNX model disagrees with PyTorch beyond 1e-3 score / 0.1 px{}",
+                report.line(),
+                if details.is_empty() { String::new() } else { format!(": {details:?}") }
+            );
+        }
+        ctx.write_output("parity.json", serde_json::to_vec_pretty(&report)?)?;
+        Ok(())
+    }
+}
+
+/// Stage `evaluate_pytorch`: the PyTorch model on libtorch over the dataset.
+pub struct EvaluatePytorch {
+    /// libtorch device.
+    pub device: Device,
+    /// Threads (not in the key).
+    pub threads: usize,
+    /// Pictures to draw.
+    pub visualizations: usize,
+}
+
+impl Stage for EvaluatePytorch {
+    fn name(&self) -> &'static str {
+        "evaluate_pytorch"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "device": self.device, "visualizations": self.visualizations })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
+        let torch = LibtorchDetector::new(&detector, self.device, self.threads)?;
+        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, &|b| torch.detect(b))
+    }
+}
+
+/// The libtorch runner behind the stages' batch interface.
+struct LibtorchDetector {
+    inner: std::sync::Mutex<crate::runtime::torch::TorchDetector>,
+}
+
+impl LibtorchDetector {
+    fn new(detector: &Detector, device: Device, threads: usize) -> anyhow::Result<Self> {
+        crate::runtime::torch::set_num_threads(threads);
+        let device = match device {
+            Device::Cpu => tch::Device::Cpu,
+            Device::Cuda => tch::Device::Cuda(0),
+        };
+        Ok(LibtorchDetector { inner: std::sync::Mutex::new(crate::runtime::torch::TorchDetector::new(detector, device)?) })
+    }
+
+    fn detect(&self, batch: &ImageBatch) -> anyhow::Result<Vec<Detections>> {
+        let per_image = 3 * batch.height * batch.width;
+        let images: Vec<tch::Tensor> = batch
+            .data
+            .chunks(per_image)
+            .map(|chw| tch::Tensor::from_slice(chw).view([3, batch.height as i64, batch.width as i64]))
+            .collect();
+        let torch = self.inner.lock().map_err(|_| anyhow::anyhow!("libtorch runner lock poisoned"))?;
+        Ok(torch.detect(&images)?.into_iter().map(|d| Detections { boxes: d.boxes, scores: d.scores, labels: d.labels }).collect())
+    }
+}

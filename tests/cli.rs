@@ -1,0 +1,108 @@
+//! The command line surface end to end on the binary: `convert_model.sh`'s four error
+//! messages word for word, exit statuses, and help a user can learn from.
+
+mod common;
+use common::{mkonnx, text};
+use std::path::Path;
+
+fn run_dir(root: &Path, checkpoint: bool, config: bool) -> std::path::PathBuf {
+    let dir = root.join("outputs/2026-02-02/15-15-47");
+    std::fs::create_dir_all(dir.join(".hydra")).unwrap();
+    if checkpoint {
+        std::fs::write(dir.join("best_model.pth"), b"not really").unwrap();
+    }
+    if config {
+        std::fs::write(dir.join(".hydra/config.yaml"), "model:\n  name: fasterrcnn_resnet50_fpn\n").unwrap();
+    }
+    dir
+}
+
+#[test]
+fn option_errors_keep_the_original_wording() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = run_dir(t.path(), true, true);
+    let d = dir.to_str().unwrap();
+    let o = mkonnx(&["build", d], t.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("Either --image-input or --dataset-dir must be provided"), "{}", text(&o));
+    let o = mkonnx(&["build", d, "--image-input", "x.png", "--evaluate-converted-model"], t.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--evaluate-converted-model requires --dataset-dir"), "{}", text(&o));
+}
+
+#[test]
+fn missing_inputs_name_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("sample.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let dir = run_dir(t.path(), false, true);
+    let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap()], t.path());
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("Checkpoint not found: ") && out.contains("best_model.pth"), "{out}");
+
+    let t2 = tempfile::tempdir().unwrap();
+    let dir = run_dir(t2.path(), true, false);
+    let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap()], t2.path());
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("Hydra config not found: ") && out.contains(".hydra/config.yaml"), "{out}");
+
+    let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap(), "--checkpoint-path", "nope.pth"], t2.path());
+    assert!(text(&o).contains("Checkpoint not found: ") && text(&o).contains("nope.pth"), "{}", text(&o));
+}
+
+#[test]
+fn a_bad_checkpoint_fails_its_run_with_a_clear_error_and_no_model() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("sample.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let dir = run_dir(t.path(), true, true);
+    let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap()], &t.path().join("store"));
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o);
+    assert!(out.contains("best_model.pth") && !out.contains("panicked"), "{out}");
+    assert!(!dir.join("onnx_model/model.onnx").exists());
+}
+
+#[test]
+fn help_explains_the_commands_and_options() {
+    let t = tempfile::tempdir().unwrap();
+    let o = mkonnx(&["--help"], t.path());
+    let out = text(&o);
+    for s in ["build", "status", "graph", "gc", "coco-eval", "Examples"] {
+        assert!(out.contains(s), "help lacks {s}: {out}");
+    }
+    let o = mkonnx(&["build", "--help"], t.path());
+    let out = text(&o);
+    for s in [
+        "--dataset-dir",
+        "--image-input",
+        "--checkpoint-path",
+        "--device",
+        "--evaluate-converted-model",
+        "--jobs",
+        "--no-parity-check",
+        "--store",
+        "--dry-run",
+        "--force",
+        "--json",
+    ] {
+        assert!(out.contains(s), "build help lacks {s}: {out}");
+    }
+}
+
+#[test]
+fn convert_model_sh_forwards_to_mkonnx_build() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = run_dir(t.path(), true, true);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("convert_model.sh");
+    let o = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&dir)
+        .env("MKONNX", env!("CARGO_BIN_EXE_mkonnx"))
+        .env("MKONNX_STORE", t.path())
+        .output()
+        .unwrap();
+    assert!(text(&o).contains("Either --image-input or --dataset-dir must be provided"), "{}", text(&o));
+}

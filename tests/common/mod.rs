@@ -1,0 +1,82 @@
+//! Shared helpers of the integration tests: the fixtures made by `make fixtures` (real
+//! torchvision runs, eager golden outputs, pycocotools metrics) and running the binary.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The fixtures directory (`$MKONNX_FIXTURES`, set by `make test`).
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("MKONNX_FIXTURES")
+        .expect("MKONNX_FIXTURES is not set: run the tests with `make test` (it builds the fixtures and sets it)");
+    let dir = PathBuf::from(dir);
+    assert!(dir.join("COMPLETE").is_file(), "{} is not a complete fixtures directory: run `make fixtures`", dir.display());
+    dir
+}
+
+/// `runs.json` of the fixtures.
+pub fn runs_index() -> Value {
+    let text = std::fs::read_to_string(fixtures_dir().join("runs.json")).expect("runs.json");
+    serde_json::from_str(&text).expect("runs.json is JSON")
+}
+
+/// One fixture run by name.
+pub fn run(name: &str) -> Value {
+    runs_index()["runs"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no fixture run {name}")).clone()
+}
+
+/// Every fixture run.
+pub fn all_runs() -> Vec<Value> {
+    runs_index()["runs"].as_array().unwrap().clone()
+}
+
+/// The evaluation dataset directory.
+pub fn eval_dataset() -> PathBuf {
+    fixtures_dir().join(runs_index()["datasets"]["eval"].as_str().unwrap())
+}
+
+/// Copies a fixture run directory into `dest` (tests never write into the shared cache);
+/// `with_user_eval` keeps the reference eval app's `eval_*_best_model_pth/`.
+pub fn copy_run(name: &str, dest: &Path, with_user_eval: bool) -> PathBuf {
+    let src = fixtures_dir().join(run(name)["run_dir"].as_str().unwrap());
+    copy_dir(&src, dest, &|p: &Path| with_user_eval || !p.file_name().unwrap().to_string_lossy().starts_with("eval_"));
+    dest.to_path_buf()
+}
+
+fn copy_dir(src: &Path, dest: &Path, keep: &dyn Fn(&Path) -> bool) {
+    std::fs::create_dir_all(dest).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if !keep(&p) {
+            continue;
+        }
+        let to = dest.join(e.file_name());
+        if p.is_dir() {
+            copy_dir(&p, &to, keep);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
+/// Runs the mkonnx binary with a private store; one thread for the runtimes.
+pub fn mkonnx(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mkonnx"))
+        .args(args)
+        .env("MKONNX_STORE", store)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run mkonnx")
+}
+
+/// stdout + stderr as text.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The Python of the project environment (for reference checks such as onnx.checker).
+pub fn python() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
