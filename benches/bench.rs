@@ -1,1 +1,312 @@
-fn main() {}
+//! `make bench`: mkonnx against its peers, measured in the same run (these machines are
+//! noisy, so every number is printed next to its peer and as a ratio). Results go to stdout
+//! and `target/bench/results.md`. Needs `MKONNX_FIXTURES` (set by `make bench`).
+//!
+//! Every process gets one intra-op thread (`OMP_NUM_THREADS=1`, ONNX Runtime and libtorch
+//! threads 1) unless the measurement is about jobs.
+
+use mkonnx::runtime::RgbImage;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(std::env::var_os("MKONNX_FIXTURES").expect("MKONNX_FIXTURES not set: run `make bench`"))
+}
+
+fn runs() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("runs.json")).unwrap()).unwrap();
+    v["runs"].as_array().unwrap().clone()
+}
+
+fn dataset() -> PathBuf {
+    fixtures().join("datasets/triangles_dataset_small")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn mkonnx_bin() -> PathBuf {
+    repo().join("target/release/mkonnx")
+}
+
+fn python() -> PathBuf {
+    repo().join(".venv/bin/python")
+}
+
+/// Wall time of a whole process (the best of `reps`), failing loudly if it fails.
+fn time_process(cmd: &mut dyn FnMut() -> Command, reps: usize) -> (Duration, String) {
+    let mut best = Duration::MAX;
+    let mut out = String::new();
+    for _ in 0..reps {
+        let mut c = cmd();
+        c.env("OMP_NUM_THREADS", "1");
+        let t = Instant::now();
+        let o = c.output().expect("spawn");
+        let d = t.elapsed();
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{:?} failed: {}{}", c, out, String::from_utf8_lossy(&o.stderr));
+        best = best.min(d);
+    }
+    (best, out)
+}
+
+fn peer(args: &[&str]) -> Command {
+    let mut c = Command::new(python());
+    c.arg(repo().join("reference/bench_peers.py")).args(args);
+    c
+}
+
+fn last_json(s: &str) -> Value {
+    serde_json::from_str(s.lines().last().unwrap_or("{}")).unwrap_or(Value::Null)
+}
+
+fn copy_run(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest.join(".hydra")).unwrap();
+    std::fs::copy(src.join("best_model.pth"), dest.join("best_model.pth")).unwrap();
+    std::fs::copy(src.join(".hydra/config.yaml"), dest.join(".hydra/config.yaml")).unwrap();
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo's bench discovery
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let mut md =
+        vec!["# mkonnx benchmarks".to_string(), String::new(), "| what | mkonnx | peer | ratio |".into(), "|---|---|---|---|".into()];
+    let mut row = |what: &str, ours: String, theirs: String, ratio: String| {
+        println!("{what:<58} mkonnx {ours:>14}   peer {theirs:>14}   {ratio}");
+        md.push(format!("| {what} | {ours} | {theirs} | {ratio} |"));
+    };
+    let sample = dataset().join("data/0000.png");
+    let sample = if sample.is_file() { sample } else { std::fs::read_dir(dataset().join("data")).unwrap().next().unwrap().unwrap().path() };
+
+    // 1. Conversion: whole process, mkonnx build (conversion only) vs Python torch.onnx.export.
+    for run in runs().iter().filter(|r| ["mobilenet_v3_large_320_fpn", "resnet50_fpn"].contains(&r["name"].as_str().unwrap())) {
+        let name = run["name"].as_str().unwrap();
+        let src = fixtures().join(run["run_dir"].as_str().unwrap());
+        let dir = t.join(format!("convert-{name}"));
+        copy_run(&src, &dir);
+        let mut i = 0;
+        let (ours, _) = time_process(
+            &mut || {
+                i += 1;
+                let mut c = Command::new(mkonnx_bin());
+                c.args(["build", dir.to_str().unwrap(), "--image-input", sample.to_str().unwrap(), "--no-parity-check", "--quiet"])
+                    .env("MKONNX_STORE", t.join(format!("store-convert-{name}-{i}")));
+                c
+            },
+            3,
+        );
+        let out = t.join(format!("tv-{name}.onnx"));
+        let (theirs, _) = time_process(&mut || peer(&["export", src.to_str().unwrap(), out.to_str().unwrap()]), 1);
+        row(
+            &format!("convert {name} (whole process)"),
+            format!("{:.2} s", ours.as_secs_f64()),
+            format!("{:.2} s", theirs.as_secs_f64()),
+            format!("{:.1}x faster", theirs.as_secs_f64() / ours.as_secs_f64()),
+        );
+
+        // 2. ONNX Runtime per image: our graph vs torchvision's exported graph, same harness.
+        let ours_model = dir.join("onnx_model/model.onnx");
+        let n = "8";
+        let (_, a) = time_process(&mut || peer(&["ort", ours_model.to_str().unwrap(), dataset().to_str().unwrap(), n]), 1);
+        let ours_ms = last_json(&a)["ms_per_image"].as_f64().unwrap_or(f64::NAN);
+        let mut c = peer(&["ort", out.to_str().unwrap(), dataset().to_str().unwrap(), n]);
+        c.env("OMP_NUM_THREADS", "1");
+        let o = c.output().unwrap();
+        let theirs_ms = if o.status.success() {
+            last_json(&String::from_utf8_lossy(&o.stdout))["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+        } else {
+            f64::NAN
+        };
+        row(
+            &format!("ONNX Runtime ms/image {name}, ours vs torchvision export"),
+            format!("{ours_ms:.1} ms"),
+            if theirs_ms.is_nan() { "crashed".into() } else { format!("{theirs_ms:.1} ms") },
+            if theirs_ms.is_nan() { "torchvision's graph failed on these images".into() } else { format!("{:.2}x", theirs_ms / ours_ms) },
+        );
+
+        // 3. libtorch runner vs eager torchvision, images/s, 1 thread.
+        let (det_time, images) = libtorch_images_per_second(&src, 8);
+        let ours_ips = images as f64 / det_time.as_secs_f64();
+        let (_, e) = time_process(&mut || peer(&["eager", src.to_str().unwrap(), dataset().to_str().unwrap(), "8"]), 1);
+        let eager_ips = last_json(&e)["images_per_s"].as_f64().unwrap_or(f64::NAN);
+        row(
+            &format!("PyTorch model {name} images/s (libtorch vs eager)"),
+            format!("{ours_ips:.2}/s"),
+            format!("{eager_ips:.2}/s"),
+            format!("{:.2}x", ours_ips / eager_ips),
+        );
+    }
+
+    // 4. COCO evaluation: whole process, mkonnx coco-eval vs pycocotools.
+    let gt = fixtures().join("coco/bench_gt.json");
+    let dt = fixtures().join("coco/bench_dt.json");
+    if gt.is_file() {
+        let (ours, _) = time_process(
+            &mut || {
+                let mut c = Command::new(mkonnx_bin());
+                c.args(["coco-eval", gt.to_str().unwrap(), dt.to_str().unwrap()]);
+                c
+            },
+            3,
+        );
+        let (theirs, _) = time_process(&mut || peer(&["coco", gt.to_str().unwrap(), dt.to_str().unwrap()]), 1);
+        row(
+            "COCO eval, 5000 images / 218k detections (whole process)",
+            format!("{:.2} s", ours.as_secs_f64()),
+            format!("{:.2} s", theirs.as_secs_f64()),
+            format!("{:.0}x faster", theirs.as_secs_f64() / ours.as_secs_f64()),
+        );
+    }
+
+    // 5. ONNX evaluation of a run on the dataset vs the reference evaluation app (eager + pycocotools).
+    let run = runs().into_iter().find(|r| r["name"] == "mobilenet_v3_large_320_fpn").unwrap();
+    let src = fixtures().join(run["run_dir"].as_str().unwrap());
+    let dir = t.join("eval-run");
+    copy_run(&src, &dir);
+    let n_images =
+        std::fs::read_to_string(dataset().join("dataset.jsonl")).unwrap().lines().filter(|l| !l.trim().is_empty()).count() as f64;
+    let (_, _) = time_process(
+        &mut || {
+            let mut c = Command::new(mkonnx_bin());
+            c.args(["build", dir.to_str().unwrap(), "--image-input", sample.to_str().unwrap(), "--no-parity-check", "--quiet"])
+                .env("MKONNX_STORE", t.join("store-eval"));
+            c
+        },
+        1,
+    );
+    let (ours, _) = time_process(
+        &mut || {
+            let mut c = Command::new(mkonnx_bin());
+            c.args([
+                "build",
+                dir.to_str().unwrap(),
+                "--dataset-dir",
+                dataset().to_str().unwrap(),
+                "--evaluate-converted-model",
+                "--no-parity-check",
+                "--quiet",
+                "--force",
+                "-j",
+                "1",
+            ])
+            .env("MKONNX_STORE", t.join("store-eval"));
+            c
+        },
+        1,
+    );
+    let (theirs, _) = time_process(
+        &mut || {
+            let mut c = Command::new(python());
+            c.arg(repo().join("reference/eval.py")).arg(&dir).arg(dataset()).args(["--vis", "8"]);
+            c
+        },
+        1,
+    );
+    row(
+        "evaluation images/s (mkonnx ONNX+PyTorch eval vs eval.py eager)",
+        format!("{:.2}/s", n_images / ours.as_secs_f64()),
+        format!("{:.2}/s", n_images / theirs.as_secs_f64()),
+        format!("{:.2}x", theirs.as_secs_f64() / ours.as_secs_f64()),
+    );
+
+    // 6. The engine: no-op rebuilds of 1 and 100 runs; 8 distinct runs with -j 2 vs -j 1.
+    let many = t.join("many");
+    let mut dirs = Vec::new();
+    for i in 0..100 {
+        let d = many.join(format!("run{i:03}"));
+        copy_run(&src, &d);
+        dirs.push(d.to_str().unwrap().to_string());
+    }
+    for count in [1usize, 100] {
+        let mut args: Vec<String> = vec!["build".into()];
+        args.extend(dirs[..count].iter().cloned());
+        args.extend(["--image-input", sample.to_str().unwrap(), "--no-parity-check", "--quiet"].map(String::from));
+        let store = t.join(format!("store-noop-{count}"));
+        let build = || {
+            let mut c = Command::new(mkonnx_bin());
+            c.args(&args).env("MKONNX_STORE", &store);
+            c
+        };
+        time_process(&mut || build(), 1);
+        let (noop, _) = time_process(&mut || build(), 5);
+        row(
+            &format!("no-op rebuild of {count} run(s) (whole process)"),
+            format!("{:.1} ms", noop.as_secs_f64() * 1e3),
+            format!("target {}", if count == 1 { "20 ms" } else { "200 ms" }),
+            (if noop.as_millis() < if count == 1 { 20 } else { 200 } { "met" } else { "missed" }).into(),
+        );
+    }
+    let eight: Vec<String> = (0..8)
+        .map(|i| {
+            let d = t.join(format!("eight/run{i}"));
+            copy_run(&src, &d);
+            let cfg = d.join(".hydra/config.yaml");
+            let text = std::fs::read_to_string(&cfg).unwrap();
+            std::fs::write(&cfg, text.replacen("model:\n", &format!("model:\n  box_detections_per_img: {}\n", 90 + i), 1)).unwrap();
+            d.to_str().unwrap().to_string()
+        })
+        .collect();
+    let mut timings = Vec::new();
+    for jobs in ["1", "2"] {
+        let mut args: Vec<String> = vec!["build".into()];
+        args.extend(eight.iter().cloned());
+        args.extend(["--image-input", sample.to_str().unwrap(), "--quiet", "-j", jobs].map(String::from));
+        let (d, _) = time_process(
+            &mut || {
+                let mut c = Command::new(mkonnx_bin());
+                c.args(&args).env("MKONNX_STORE", t.join(format!("store-jobs-{jobs}")));
+                c.env_remove("OMP_NUM_THREADS");
+                c
+            },
+            1,
+        );
+        timings.push(d);
+    }
+    row(
+        "8 runs built (convert + parity), -j 2 vs -j 1",
+        format!("{:.1} s", timings[1].as_secs_f64()),
+        format!("{:.1} s", timings[0].as_secs_f64()),
+        format!("{:.2}x faster", timings[0].as_secs_f64() / timings[1].as_secs_f64()),
+    );
+
+    let out = repo().join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("results.md"), md.join("\n") + "\n").unwrap();
+    println!("\nwritten to {}", out.join("results.md").display());
+}
+
+/// Times our libtorch runner over the first `n` dataset images, one thread, after a warm-up.
+fn libtorch_images_per_second(run_dir: &Path, n: usize) -> (Duration, usize) {
+    use mkonnx::data::hydra::TrainingConfig;
+    use mkonnx::model::resolve::resolve;
+    use mkonnx::model::Detector;
+    use mkonnx::stages::convert::load_weights;
+    let checkpoint = run_dir.join("best_model.pth");
+    let (weights, _, _) = load_weights(&checkpoint).unwrap();
+    let r = resolve(&TrainingConfig::load(&run_dir.join(".hydra/config.yaml")).unwrap(), &weights, &checkpoint).unwrap();
+    let det = Detector { arch: r.arch, params: r.params, weights };
+    mkonnx::runtime::torch::set_num_threads(1);
+    let runner = mkonnx::runtime::torch::TorchDetector::new(&det, tch::Device::Cpu).unwrap();
+    let ds = mkonnx::data::dataset::Dataset::load(&dataset()).unwrap();
+    let images: Vec<tch::Tensor> = ds
+        .images
+        .iter()
+        .take(n)
+        .map(|i| {
+            let img = RgbImage::load(&ds.image_path(i)).unwrap();
+            tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64])
+        })
+        .collect();
+    runner.detect(std::slice::from_ref(&images[0])).unwrap();
+    let t = Instant::now();
+    for img in &images {
+        runner.detect(std::slice::from_ref(img)).unwrap();
+    }
+    (t.elapsed(), images.len())
+}

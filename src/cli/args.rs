@@ -87,6 +87,10 @@ pub struct BuildArgs {
     /// Number of visualizations to draw per evaluation.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub visualizations: usize,
+    /// Only predictions scoring at least this are drawn in the visualizations (the metrics
+    /// use every detection).
+    #[arg(long, value_name = "SCORE", default_value_t = 0.3)]
+    pub vis_score_thresh: f32,
     /// Stages to run at once (default: the number of CPUs).
     #[arg(short = 'j', long = "jobs", value_name = "N")]
     pub jobs: Option<usize>,

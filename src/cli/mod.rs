@@ -123,6 +123,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         device,
         threads,
         visualizations: a.visualizations,
+        vis_score_thresh: a.vis_score_thresh,
     };
     let (graph, planned) = plan(&req)?;
     let engine = Engine::open(&store_dir(a.store.store.as_deref())?, tool_version())?.with_jobs(jobs);

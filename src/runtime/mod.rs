@@ -69,22 +69,31 @@ pub struct RgbImage {
 
 impl RgbImage {
     /// Decodes a PNG or JPEG; grayscale is replicated and alpha dropped, as PIL's
-    /// `convert("RGB")` does.
+    /// `convert("RGB")` does. JPEGs are decoded by libjpeg-turbo's decoder (through mozjpeg,
+    /// accurate integer IDCT and fancy upsampling, PIL's defaults), so pixels are identical to
+    /// what eager PyTorch pipelines see; other JPEG decoders differ by a level here and there,
+    /// which moves detections.
     pub fn load(path: &std::path::Path) -> Result<RgbImage, RuntimeError> {
-        let img = image::ImageReader::open(path)
-            .and_then(|r| r.with_guessed_format())
-            .map_err(|e| RuntimeError::Image { path: path.into(), message: e.to_string() })?
-            .decode()
-            .map_err(|e| RuntimeError::Image { path: path.into(), message: e.to_string() })?;
+        let err = |message: String| RuntimeError::Image { path: path.into(), message };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            let (width, height, rgb) = decode_jpeg(&bytes).map_err(err)?;
+            return Ok(Self::from_rgb8(width, height, &rgb));
+        }
+        let img = image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))?;
         let rgb = img.to_rgb8();
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        let mut chw = vec![0f32; 3 * h * w];
-        for (i, p) in rgb.pixels().enumerate() {
+        Ok(Self::from_rgb8(rgb.width() as usize, rgb.height() as usize, rgb.as_raw()))
+    }
+
+    /// From interleaved 8-bit RGB, as torchvision's `to_tensor` (value / 255).
+    pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> RgbImage {
+        let mut chw = vec![0f32; 3 * height * width];
+        for (i, p) in rgb.chunks_exact(3).enumerate() {
             for c in 0..3 {
-                chw[c * h * w + i] = f32::from(p.0[c]) / 255.0;
+                chw[c * height * width + i] = f32::from(p[c]) / 255.0;
             }
         }
-        Ok(RgbImage { height: h, width: w, chw })
+        RgbImage { height, width, chw }
     }
 
     /// A batch of one.
@@ -103,4 +112,18 @@ impl ImageBatch {
         let data = images.iter().flat_map(|i| i.chw.iter().copied()).collect();
         Some(ImageBatch { len: images.len(), height: first.height, width: first.width, data })
     }
+}
+
+/// Decodes a JPEG to interleaved RGB with libjpeg-turbo's decoder. libjpeg reports errors
+/// by unwinding out of its error handler, caught here.
+fn decode_jpeg(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
+    std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
+        let mut d = mozjpeg::Decompress::with_markers(&[]).from_mem(bytes)?.rgb()?;
+        let (w, h) = (d.width(), d.height());
+        let pixels: Vec<[u8; 3]> = d.read_scanlines()?;
+        d.finish()?;
+        Ok((w, h, pixels.into_iter().flatten().collect()))
+    })
+    .map_err(|_| "corrupt JPEG".to_string())?
+    .map_err(|e| format!("corrupt JPEG: {e}"))
 }

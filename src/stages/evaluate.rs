@@ -135,6 +135,7 @@ pub fn evaluate_dataset(
     prefix: &str,
     info: &ModelInfo,
     visualizations: usize,
+    vis_score_thresh: f32,
     detect: &(dyn Fn(&ImageBatch) -> anyhow::Result<Vec<Detections>> + Sync),
 ) -> anyhow::Result<()> {
     let ds = dataset_of(ctx)?;
@@ -189,7 +190,7 @@ pub fn evaluate_dataset(
         .take(visualizations)
         .enumerate()
         .map(|(i, ((rgb, img), det))| -> anyhow::Result<(String, Vec<u8>)> {
-            let png = super::visualize(rgb, det, img, info)?;
+            let png = super::visualize(rgb, det, img, info, vis_score_thresh)?;
             Ok((format!("visualizations/{i:04}_detected.png"), png))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -206,6 +207,8 @@ const MAX_BATCH: usize = 4;
 pub struct EvaluateOnnx {
     /// Pictures to draw.
     pub visualizations: usize,
+    /// Lowest score drawn.
+    pub vis_score_thresh: f32,
     /// ONNX Runtime intra-op threads (not part of the key: results do not depend on it).
     pub threads: usize,
 }
@@ -218,13 +221,13 @@ impl Stage for EvaluateOnnx {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "visualizations": self.visualizations })
+        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let onnx = ctx.input_artifact("onnx", "model.onnx")?;
         let detector = crate::runtime::onnx::OnnxDetector::load(&onnx, self.threads)?;
-        evaluate_dataset(ctx, "onnx", &info, self.visualizations, &|b| Ok(detector.detect(b)?))
+        evaluate_dataset(ctx, "onnx", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(detector.detect(b)?))
     }
 }
 

@@ -54,6 +54,8 @@ pub struct BuildRequest {
     pub threads: usize,
     /// Visualizations per evaluation.
     pub visualizations: usize,
+    /// Lowest score drawn in visualizations.
+    pub vis_score_thresh: f32,
 }
 
 /// The nodes planned for one run (for reports).
@@ -137,12 +139,19 @@ pub fn plan(req: &BuildRequest) -> anyhow::Result<(Graph, Vec<PlannedRun>)> {
             let gt = g.add(with_dataset(NodeSpec::new(evaluate::GroundTruth { class_names }).label(&label), ds))?;
             let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
             let onnx_eval = g.add(
-                with_dataset(NodeSpec::new(evaluate::EvaluateOnnx { visualizations: req.visualizations, threads: req.threads }), ds)
-                    .label(&label)
-                    .input("model", model)
-                    .input("onnx", onnx)
-                    .input("ground_truth", gt)
-                    .materialize_dir("", onnx_eval_dir),
+                with_dataset(
+                    NodeSpec::new(evaluate::EvaluateOnnx {
+                        visualizations: req.visualizations,
+                        vis_score_thresh: req.vis_score_thresh,
+                        threads: req.threads,
+                    }),
+                    ds,
+                )
+                .label(&label)
+                .input("model", model)
+                .input("onnx", onnx)
+                .input("ground_truth", gt)
+                .materialize_dir("", onnx_eval_dir),
             )?;
             let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
             let cmp = match evaluate::find_user_evaluation(&pt_dir) {
@@ -169,6 +178,7 @@ pub fn plan(req: &BuildRequest) -> anyhow::Result<(Graph, Vec<PlannedRun>)> {
                                 device: req.device,
                                 threads: req.threads,
                                 visualizations: req.visualizations,
+                                vis_score_thresh: req.vis_score_thresh,
                             }),
                             ds,
                         )
@@ -202,6 +212,7 @@ pub fn visualize(
     det: &Detections,
     img: &crate::data::dataset::DatasetImage,
     info: &convert::ModelInfo,
+    min_score: f32,
 ) -> anyhow::Result<Vec<u8>> {
     use crate::eval::visualize::{draw_detections, encode_png, from_chw, DrawBox, Style};
     let base = from_chw(&rgb.chw, rgb.height, rgb.width)?;
@@ -210,6 +221,7 @@ pub fn visualize(
         .iter()
         .zip(&det.scores)
         .zip(&det.labels)
+        .filter(|((_, &s), _)| s >= min_score)
         .map(|((b, &s), &l)| DrawBox { bbox: *b, label: info.class_name(l), score: Some(s), class_id: usize::try_from(l).ok() })
         .collect();
     let gt: Vec<DrawBox> = img

@@ -92,6 +92,8 @@ pub struct EvaluatePytorch {
     pub threads: usize,
     /// Pictures to draw.
     pub visualizations: usize,
+    /// Lowest score drawn.
+    pub vis_score_thresh: f32,
 }
 
 impl Stage for EvaluatePytorch {
@@ -102,13 +104,13 @@ impl Stage for EvaluatePytorch {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "device": self.device, "visualizations": self.visualizations })
+        serde_json::json!({ "device": self.device, "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
         let torch = LibtorchDetector::new(&detector, self.device, self.threads)?;
-        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, &|b| torch.detect(b))
+        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| torch.detect(b))
     }
 }
 

@@ -1,0 +1,96 @@
+"""The Python peers that `make bench` measures mkonnx against (one process per measurement).
+
+    python reference/bench_peers.py export RUN_DIR OUT.onnx     # torch.onnx.export of the run (whole process is timed)
+    python reference/bench_peers.py ort MODEL.onnx DATASET N    # ONNX Runtime ms/image over the first N images (1 thread)
+    python reference/bench_peers.py eager RUN_DIR DATASET N     # eager torchvision images/s (1 thread)
+    python reference/bench_peers.py coco GT.json DT.json        # pycocotools evaluate+accumulate+summarize
+Timings are printed as one JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_images(dataset, n):
+    import numpy as np
+    from PIL import Image
+
+    lines = [json.loads(l) for l in open(os.path.join(dataset, "dataset.jsonl")) if l.strip()][:n]
+    return [np.asarray(Image.open(os.path.join(dataset, l["image"])).convert("RGB"), dtype=np.float32) / 255.0 for l in lines]
+
+
+def build_model(run_dir):
+    """The run's model as a user's script would load it (the reference world's logic)."""
+    import torch
+    import yaml
+    import common
+
+    cfg = yaml.safe_load(open(os.path.join(run_dir, ".hydra", "config.yaml")))
+    ckpt = torch.load(os.path.join(run_dir, "best_model.pth"), map_location="cpu", weights_only=False)
+    sd = common.unwrap_state_dict(ckpt)
+    model = common.build_model(common.model_spec(cfg), common.num_classes_from_state_dict(sd))
+    if common.uses_frozen_bn(sd):
+        common.freeze_backbone_bn(model)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def main():
+    cmd = sys.argv[1]
+    import torch
+
+    torch.set_num_threads(1)
+    if cmd == "export":
+        model = build_model(sys.argv[2])
+        x = [torch.rand(3, 320, 320)]
+        torch.onnx.export(model, (x,), sys.argv[3], opset_version=17, dynamo=False, input_names=["input"], output_names=["boxes", "scores", "labels"])
+        print(json.dumps({"ok": True}))
+    elif cmd == "ort":
+        import numpy as np
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        s = ort.InferenceSession(sys.argv[2], so, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        rank = len(s.get_inputs()[0].shape)
+        imgs = load_images(sys.argv[3], int(sys.argv[4]))
+        feed = [{name: (im.transpose(2, 0, 1)[None] if rank == 4 else im.transpose(2, 0, 1)).astype(np.float32)} for im in imgs]
+        s.run(None, feed[0])  # warm-up
+        t = time.perf_counter()
+        for f in feed:
+            s.run(None, f)
+        print(json.dumps({"ms_per_image": (time.perf_counter() - t) * 1000 / len(feed)}))
+    elif cmd == "eager":
+        model = build_model(sys.argv[2])
+        imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in load_images(sys.argv[3], int(sys.argv[4]))]
+        with torch.no_grad():
+            model([imgs[0]])
+            t = time.perf_counter()
+            for im in imgs:
+                model([im])
+        print(json.dumps({"images_per_s": len(imgs) / (time.perf_counter() - t)}))
+    elif cmd == "coco":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        import contextlib, io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            g = COCO(sys.argv[2])
+            d = g.loadRes(sys.argv[3])
+            e = COCOeval(g, d, "bbox")
+            e.evaluate()
+            e.accumulate()
+            e.summarize()
+        print(json.dumps({"stats": list(e.stats)}))
+    else:
+        sys.exit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
