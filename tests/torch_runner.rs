@@ -188,6 +188,41 @@ fn load_image(path: &Path) -> (tch::Tensor, u64) {
     (image_from_rgb8(img.width() as usize, img.height() as usize, img.as_raw()).unwrap(), sum)
 }
 
+/// The image at `rel` (a JSON string, relative to the dataset) with exactly the pixels
+/// eager saw (`rgb_sum` of the golden file). PNGs are decoded here and must match; JPEG
+/// decoders differ (the image crate's is not libjpeg-turbo), so a JPEG that decodes
+/// differently is read through PIL instead, and listed in `pil_decoded`: the runner is
+/// compared on eager's own input.
+fn load_as_pil(dataset: &Path, rel: &Value, rgb_sum: Option<&Value>, pil_decoded: &mut Vec<String>) -> tch::Tensor {
+    let rel = rel.as_str().unwrap();
+    let path = dataset.join(rel);
+    let (image, sum) = load_image(&path);
+    let Some(expected) = rgb_sum.and_then(Value::as_u64) else { return image };
+    if expected == sum {
+        return image;
+    }
+    let lower = rel.to_ascii_lowercase();
+    assert!(lower.ends_with(".jpg") || lower.ends_with(".jpeg"), "{rel}: decoded pixels differ from PIL's (sum {sum}, PIL {expected})");
+    pil_decoded.push(rel.to_string());
+    let (w, h, rgb) = pil_rgb(&path);
+    assert_eq!(rgb.iter().map(|&b| u64::from(b)).sum::<u64>(), expected, "{rel}: PIL's pixels do not give the golden rgb_sum");
+    image_from_rgb8(w, h, &rgb).unwrap()
+}
+
+/// `PIL.Image.open(path).convert("RGB")` through the project's Python: (width, height, bytes).
+fn pil_rgb(path: &Path) -> (usize, usize, Vec<u8>) {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = "import sys; from PIL import Image; im = Image.open(sys.argv[1]).convert('RGB'); \
+                  sys.stdout.buffer.write(b'%d %d\\n' % im.size + im.tobytes())";
+    let out =
+        std::process::Command::new(&python).args(["-c", script]).arg(path).output().unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    assert!(out.status.success(), "PIL could not read {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    let split = out.stdout.iter().position(|&b| b == b'\n').expect("a size line");
+    let size = String::from_utf8_lossy(&out.stdout[..split]).to_string();
+    let (w, h) = size.split_once(' ').expect("width height");
+    (w.parse().unwrap(), h.parse().unwrap(), out.stdout[split + 1..].to_vec())
+}
+
 fn ints(v: &Value) -> Vec<i64> {
     v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
@@ -249,12 +284,10 @@ fn check_run(name: &str) {
     assert!(!files.is_empty(), "{}: no golden files", golden_dir.display());
     let mut diffs = Diffs::default();
     let mut seconds = 0.0;
+    let mut pil_decoded = Vec::new();
     for file in &files {
         let golden = read_json(file);
-        let (image, rgb_sum) = load_image(&dataset.join(golden["image"].as_str().unwrap()));
-        if let Some(expected) = golden.get("rgb_sum").and_then(Value::as_u64) {
-            assert_eq!(rgb_sum, expected, "{}: decoded pixels differ from PIL's", file.display());
-        }
+        let image = load_as_pil(&dataset, &golden["image"], golden.get("rgb_sum"), &mut pil_decoded);
         let start = std::time::Instant::now();
         let mut out = detector.detect_traced(&[image]).unwrap();
         seconds += start.elapsed().as_secs_f64();
@@ -270,8 +303,16 @@ fn check_run(name: &str) {
     assert!(!batches.is_empty(), "{}: no batch golden file", golden_dir.display());
     for file in batches {
         let golden = read_json(&file);
-        let images: Vec<tch::Tensor> =
-            golden["images"].as_array().unwrap().iter().map(|p| load_image(&dataset.join(p.as_str().unwrap())).0).collect();
+        let images: Vec<tch::Tensor> = golden["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let stem = Path::new(n.as_str().unwrap()).file_stem().unwrap().to_string_lossy().to_string();
+                let single = read_json(&golden_dir.join(format!("{stem}.json")));
+                load_as_pil(&dataset, n, single.get("rgb_sum"), &mut Vec::new())
+            })
+            .collect();
         let out = detector.detect_traced(&images).unwrap();
         let results = golden["results"].as_array().unwrap();
         assert_eq!(out.len(), results.len());
@@ -283,8 +324,10 @@ fn check_run(name: &str) {
         }
     }
     eprintln!(
-        "{name}: {} images, {} detections; max |score diff| {:e}, max |box diff| {:e} px, max |proposal diff| {:e} px; {:.2} s/image",
+        "{name}: {} images ({} JPEGs read through PIL, the image crate decodes them differently: {pil_decoded:?}), {} detections; \
+         max |score diff| {:e}, max |box diff| {:e} px, max |proposal diff| {:e} px; {:.2} s/image",
         files.len(),
+        pil_decoded.len(),
         diffs.detections,
         diffs.score,
         diffs.box_px,

@@ -90,7 +90,7 @@ impl TrainingConfig {
         if let Value::Mapping(m) = section {
             for (k, v) in m {
                 if let Some(k) = k.as_str() {
-                    if !ARCH_KEYS.contains(&k) && !v.is_mapping() {
+                    if !ARCH_KEYS.contains(&k) && !v.is_mapping() && !v.is_null() {
                         cfg.model_kwargs.push((dotted(k), v.clone()));
                     }
                 }
@@ -106,7 +106,8 @@ impl TrainingConfig {
 
         for s in CLASS_NAME_SECTIONS {
             let holder = if s.is_empty() { Some(&root) } else { root.get(s) };
-            if let Some(v) = holder.and_then(|h| h.get("class_names")) {
+            // `class_names: null` (a Hydra default left unset) means "not here".
+            if let Some(v) = holder.and_then(|h| h.get("class_names")).filter(|v| !v.is_null()) {
                 let key = if s.is_empty() { "class_names".to_string() } else { format!("{s}.class_names") };
                 let names = v
                     .as_sequence()
@@ -192,6 +193,12 @@ mod tests {
         assert_eq!(k, "model.kwargs.min_size");
         assert_eq!(as_uint(Path::new("c"), k, v).unwrap(), 512);
         assert_eq!(c.class_names.unwrap().0, "dataset.class_names");
+    }
+
+    #[test]
+    fn null_class_names_are_absent() {
+        let c = parse("dataset:\n  class_names: null\nmodel:\n  arch: fasterrcnn_resnet50_fpn\n  class_names: [a]\n");
+        assert_eq!(c.class_names.unwrap(), ("model.class_names".to_string(), vec!["a".to_string()]));
     }
 
     #[test]

@@ -53,6 +53,15 @@ pub fn compare(reference: &Detections, candidate: &Detections, tol: Tolerance, s
     let mut r = ParityResult { reference: reference.len(), candidate: candidate.len(), ..Default::default() };
     let last_kept = |d: &Detections| d.scores.last().copied().unwrap_or(f32::INFINITY);
     let at_cut = |s: f32, other: &Detections| (s - score_thresh).abs() <= tol.score || (s - last_kept(other)).abs() <= tol.score;
+    // An unpaired detection is a flip at a cut when near one, else a real mismatch.
+    let unpaired = |r: &mut ParityResult, side: &str, d: &Detections, i: usize, other: &Detections| {
+        let what = format!("{side} detection {i} (label {}, score {:.6}, box {:?})", d.labels[i], d.scores[i], d.boxes[i]);
+        if at_cut(d.scores[i], other) {
+            r.flips_at_cut.push(what);
+        } else {
+            r.mismatches.push(what);
+        }
+    };
     for i in 0..reference.len() {
         let best = (0..candidate.len())
             .filter(|&j| {
@@ -67,31 +76,11 @@ pub fn compare(reference: &Detections, candidate: &Detections, tol: Tolerance, s
                 r.max_box_diff = r.max_box_diff.max(d);
                 r.max_score_diff = r.max_score_diff.max((candidate.scores[j] - reference.scores[i]).abs());
             }
-            None => {
-                let what = format!(
-                    "reference detection {i} (label {}, score {:.6}, box {:?})",
-                    reference.labels[i], reference.scores[i], reference.boxes[i]
-                );
-                if at_cut(reference.scores[i], candidate) {
-                    r.flips_at_cut.push(what);
-                } else {
-                    r.mismatches.push(what);
-                }
-            }
+            None => unpaired(&mut r, "reference", reference, i, candidate),
         }
     }
-    for (j, u) in used.iter().enumerate() {
-        if !u {
-            let what = format!(
-                "candidate detection {j} (label {}, score {:.6}, box {:?})",
-                candidate.labels[j], candidate.scores[j], candidate.boxes[j]
-            );
-            if at_cut(candidate.scores[j], reference) {
-                r.flips_at_cut.push(what);
-            } else {
-                r.mismatches.push(what);
-            }
-        }
+    for j in (0..candidate.len()).filter(|&j| !used[j]) {
+        unpaired(&mut r, "candidate", candidate, j, reference);
     }
     r
 }

@@ -279,10 +279,63 @@ fn big_enough(g: &mut GraphBuilder, c: &[Value; 4], min_size: f32) -> Value {
     g.and(&wk, &hk)
 }
 
-/// Marks which of `count` candidates per image NonMaxSuppression kept, then takes the kept ones
-/// by descending score, at most `k_max`: returns (scores [B, K], indices [B, K], valid [B, K]).
-/// Candidates that were not eligible carry the score `INVALID`.
-fn keep_top_after_nms(g: &mut GraphBuilder, scores: &Value, selected: &Value, k_max: usize) -> (Value, Value, Value) {
+/// torchvision's `batched_nms` per image over padded candidates: boxes [B, N, 4], scores
+/// [B, N] with [`INVALID`] for candidates that are not eligible, classes [B, N] or [N] as
+/// float32 ids taking the values `class_ids` (the ids torchvision passes: levels 0.., labels
+/// 1..). Returns which candidates are kept, [B, N] bool.
+///
+/// torchvision (on CPU) suppresses per class with the coordinate trick (boxes offset by
+/// class · (max coordinate + 1), one NMS) when an image has at most 1000 candidates, and
+/// class by class otherwise. The two agree except where float rounding of the offset boxes
+/// moves an IoU across the threshold, so both are computed and each image takes the one
+/// eager PyTorch would have used.
+fn batched_nms(g: &mut GraphBuilder, boxes: &Value, scores: &Value, classes: &Value, class_ids: &[f32], iou: f32) -> Value {
+    let threshold = g.scalar_f32(INVALID_THRESHOLD);
+    let eligible = g.greater(scores, &threshold);
+
+    // Coordinate trick: max over the image's eligible boxes (clipped boxes are >= 0).
+    let zero = g.scalar_f32(0.0);
+    let eligible4 = g.unsqueeze(&eligible, &[2]);
+    let eligible_boxes = g.where_(&eligible4, boxes, &zero);
+    let max_coord = g.reduce_max(&eligible_boxes, &[1, 2], true);
+    let one = g.scalar_f32(1.0);
+    let span = g.add(&max_coord, &one);
+    let classes3 = g.unsqueeze(classes, &[-1]);
+    let offsets = g.mul(&classes3, &span);
+    let shifted = g.add(boxes, &offsets);
+    let single = g.unsqueeze(scores, &[1]);
+    let selected = g.non_max_suppression(&shifted, &single, iou, INVALID_THRESHOLD);
+    let kept_trick = kept_mask(g, scores, &selected);
+
+    // Class by class: one NonMaxSuppression "class" per class id.
+    let invalid = g.scalar_f32(INVALID);
+    let per_class: Vec<Value> = class_ids
+        .iter()
+        .map(|&c| {
+            let cv = g.scalar_f32(c);
+            let is_c = g.equal(classes, &cv);
+            let s = g.where_(&is_c, scores, &invalid);
+            g.unsqueeze(&s, &[1])
+        })
+        .collect();
+    let class_scores = g.concat(&per_class.iter().collect::<Vec<_>>(), 1);
+    let selected = g.non_max_suppression(boxes, &class_scores, iou, INVALID_THRESHOLD);
+    let kept_vanilla = kept_mask(g, scores, &selected);
+
+    // boxes.numel() > 4000, i.e. more than 1000 candidates, selects the per-class loop.
+    let count = g.cast(&eligible, DataType::Int64);
+    let count = g.reduce_sum(&count, &[1], true);
+    let limit = g.const_i64(&[], &[1000]);
+    let many = g.greater(&count, &limit);
+    let few = g.not(&many);
+    let by_class = g.and(&many, &kept_vanilla);
+    let by_trick = g.and(&few, &kept_trick);
+    g.or(&by_class, &by_trick)
+}
+
+/// NonMaxSuppression's selected (batch, class, box) triples as a [B, N] bool mask shaped
+/// like `scores`.
+fn kept_mask(g: &mut GraphBuilder, scores: &Value, selected: &Value) -> Value {
     let batch_and_box = g.ints(&[0, 2]);
     let index = g.gather(selected, &batch_and_box, 1);
     let zeros = {
@@ -298,9 +351,14 @@ fn keep_top_after_nms(g: &mut GraphBuilder, scores: &Value, selected: &Value, k_
     };
     let kept = g.scatter_nd(&zeros, &index, &ones);
     let half = g.scalar_f32(0.5);
-    let kept = g.greater(&kept, &half);
+    g.greater(&kept, &half)
+}
+
+/// The kept candidates by descending score, at most `k_max` per image: returns
+/// (scores [B, K], indices [B, K], valid [B, K]).
+fn top_kept(g: &mut GraphBuilder, scores: &Value, kept: &Value, k_max: usize) -> (Value, Value, Value) {
     let invalid = g.scalar_f32(INVALID);
-    let masked = g.where_(&kept, scores, &invalid);
+    let masked = g.where_(kept, scores, &invalid);
     let n = g.shape(scores);
     let n = g.element(&n, 1);
     let cap = g.ints(&[k_max as i64]);
@@ -392,20 +450,12 @@ fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Re
     let confident = g.greater_or_equal(&probs, &thresh);
     let keep = g.and(&keep, &confident);
 
-    // NMS independently per level: one NonMaxSuppression "class" per level.
-    let mut per_level = Vec::new();
+    // NMS independently per level (batched_nms with the level as class).
     let invalid = g.scalar_f32(INVALID);
-    for level in 0..maps.len() {
-        let l = g.scalar_f32(level as f32);
-        let on_level = g.equal(&levels, &l);
-        let eligible = g.and(&keep, &on_level);
-        let s = g.where_(&eligible, &probs, &invalid);
-        per_level.push(g.unsqueeze(&s, &[1]));
-    }
-    let class_scores = g.concat(&per_level.iter().collect::<Vec<_>>(), 1);
-    let selected = g.non_max_suppression(&boxes, &class_scores, p.rpn_nms_thresh, INVALID_THRESHOLD);
     let masked = g.where_(&keep, &probs, &invalid);
-    let (_, order, valid) = keep_top_after_nms(g, &masked, &selected, p.rpn_post_nms_top_n_test);
+    let level_ids: Vec<f32> = (0..maps.len()).map(|l| l as f32).collect();
+    let kept = batched_nms(g, &boxes, &masked, &levels, &level_ids, p.rpn_nms_thresh);
+    let (_, order, valid) = top_kept(g, &masked, &kept, p.rpn_post_nms_top_n_test);
     let proposals = gather_rows(g, &boxes, &order, Some(4));
     Ok((proposals, valid))
 }
@@ -590,22 +640,13 @@ fn postprocess(
     let keep = g.and(&roi_valid, &confident);
     let keep = g.and(&keep, &big);
 
-    // batched_nms by the coordinate trick: offset each class by label · (max coordinate + 1),
-    // the max taken over the image's remaining candidates.
-    let zero = g.scalar_f32(0.0);
-    let keep4 = g.unsqueeze(&keep, &[2]);
-    let kept_boxes = g.where_(&keep4, &boxes, &zero);
-    let max_coord = g.reduce_max(&kept_boxes, &[1, 2], true);
-    let one = g.scalar_f32(1.0);
-    let span = g.add(&max_coord, &one);
-    let labels3 = g.unsqueeze(&labels, &[2]);
-    let offsets = g.mul(&labels3, &span);
-    let nms_boxes = g.add(&boxes, &offsets);
+    // batched_nms by label.
     let invalid = g.scalar_f32(INVALID);
     let masked = g.where_(&keep, &scores, &invalid);
-    let nms_scores = g.unsqueeze(&masked, &[1]);
-    let selected = g.non_max_suppression(&nms_boxes, &nms_scores, p.box_nms_thresh, INVALID_THRESHOLD);
-    let (top, order, valid) = keep_top_after_nms(g, &masked, &selected, p.box_detections_per_img);
+    let label_ids: Vec<f32> = (1..num_classes).map(|c| c as f32).collect();
+    let kept = batched_nms(g, &boxes, &masked, &labels, &label_ids, p.box_nms_thresh);
+    let (top, order, valid) = top_kept(g, &masked, &kept, p.box_detections_per_img);
+    let zero = g.scalar_f32(0.0);
 
     // N = the largest detection count in the batch; rows past an image's count are zeros.
     let count = g.cast(&valid, DataType::Int64);

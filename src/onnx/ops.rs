@@ -78,6 +78,8 @@ impl GraphBuilder {
         greater_or_equal => "GreaterOrEqual",
         /// [And](https://onnx.ai/onnx/operators/onnx__And.html).
         and => "And",
+        /// [Or](https://onnx.ai/onnx/operators/onnx__Or.html).
+        or => "Or",
         /// [Expand](https://onnx.ai/onnx/operators/onnx__Expand.html) `a` to the int64 shape `b`.
         expand => "Expand",
         /// [Reshape](https://onnx.ai/onnx/operators/onnx__Reshape.html) `a` to the int64 shape `b` (0 copies, -1 infers).

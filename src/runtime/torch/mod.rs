@@ -140,7 +140,7 @@ impl TorchDetector {
     /// Converts `detector`'s weights to tensors on `device`. Fails if `device` is CUDA and
     /// libtorch has no GPU.
     pub fn new(detector: &Detector, device: Device) -> Result<Self, RuntimeError> {
-        check_device(device, &format!("{device:?}"))?;
+        check_device(device, &device_name(device))?;
         let _guard = tch::no_grad_guard();
         let store = WeightStore::new(&detector.weights, device, detector.arch)?;
         let arch = detector.arch;
@@ -195,7 +195,16 @@ fn check_device(device: Device, requested: &str) -> Result<(), RuntimeError> {
         Device::Cpu => Ok(()),
         Device::Cuda(i) if tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count() => Ok(()),
         Device::Cuda(_) => Err(RuntimeError::CudaUnavailable { requested: requested.to_string() }),
-        other => Err(RuntimeError::UnknownDevice(format!("{other:?}"))),
+        other => Err(RuntimeError::UnknownDevice(device_name(other))),
+    }
+}
+
+/// `cpu`, `cuda:N`, or libtorch's name for other devices.
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
@@ -215,4 +224,37 @@ pub fn image_from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<tch::T
     let t = t.f_view([height as i64, width as i64, 3]).step("image conversion")?;
     let t = t.f_permute([2, 0, 1]).and_then(|t| t.f_contiguous()).step("image conversion")?;
     t.f_to_kind(tch::Kind::Float).and_then(|t| t.f_div_scalar(255)).step("image conversion")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync + 'static>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn errors_cross_threads_and_the_detector_can_sit_in_a_mutex() {
+        // anyhow needs Send + Sync errors; a Mutex<TorchDetector> is Sync when it is Send.
+        send_sync::<RuntimeError>();
+        send::<TorchDetector>();
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(device_name(Device::Cpu), "cpu");
+        assert_eq!(device_name(Device::Cuda(1)), "cuda:1");
+        assert!(matches!(parse_device("cuda:x"), Err(RuntimeError::UnknownDevice(_))));
+        assert!(matches!(parse_device(" cpu "), Ok(Device::Cpu)));
+    }
+
+    #[test]
+    fn rgb8_conversion_is_to_tensor() {
+        let t = image_from_rgb8(2, 1, &[0, 51, 255, 1, 2, 3]).unwrap();
+        assert_eq!(t.size(), vec![3, 1, 2]);
+        let mut v = vec![0f32; 6];
+        t.copy_data(&mut v, 6);
+        assert_eq!(v, vec![0.0, 1.0 / 255.0, 51.0 / 255.0, 2.0 / 255.0, 1.0, 3.0 / 255.0]);
+        assert!(image_from_rgb8(2, 2, &[0; 6]).is_err());
+    }
 }
