@@ -2,7 +2,8 @@
 FasterRCNN architectures, their eager evaluations and golden outputs.
 
     .venv/bin/python reference/make_fixtures.py            # build (or find) the fixtures
-    .venv/bin/python reference/make_fixtures.py --demo DIR # also copy a demo run + dataset to DIR
+    .venv/bin/python reference/make_fixtures.py --demo DIR # a demo run + dataset into DIR/run,
+                                                           # DIR/triangles_dataset_small
 
 The fixtures live in `${MKONNX_FIXTURES_ROOT:-~/.cache/mkonnx/fixtures}/<hash>/`, where
 <hash> covers every reference/**/*.py and *.yaml file and the torch/torchvision versions.
@@ -352,39 +353,86 @@ def ensure_fixtures() -> str:
     return final
 
 
-def make_demo(fixtures: str, dest: str) -> None:
-    """Copy the mobilenet_v3_large_320_fpn run (as outputs/<date>/<time>) and the eval
-    dataset into `dest`: a small, real run to try mkonnx on."""
-    with open(os.path.join(fixtures, "runs.json")) as f:
-        runs = {r["name"]: r for r in json.load(f)["runs"]}
-    run = runs["mobilenet_v3_large_320_fpn"]
-    src_run = os.path.join(fixtures, run["run_dir"])
-    rel = os.path.relpath(src_run, os.path.join(fixtures, "runs", run["name"]))  # outputs/<date>/<time>
-    dst_run = os.path.join(dest, rel)
-    if os.path.exists(dst_run):
-        shutil.rmtree(dst_run)
-    shutil.copytree(src_run, dst_run)
-    dst_data = os.path.join(dest, "data", SMALL)
-    if os.path.exists(dst_data):
-        shutil.rmtree(dst_data)
-    shutil.copytree(os.path.join(fixtures, "datasets", SMALL), dst_data)
-    progress(f"demo run: {dst_run}")
+DEMO_RUN = "mobilenet_v3_large_320_fpn"
+
+
+def build_demo_only(build: str) -> None:
+    """The datasets and the demo run alone (same seeds, so the same weights as the full
+    fixtures' run): what `make demo` needs on a machine without fixtures yet."""
+    sys.path.insert(0, HERE)
+    import dataset
+
+    for sub in ("datasets", "runs", "golden", "logs"):
+        os.makedirs(os.path.join(build, sub), exist_ok=True)
+    dataset.write_small(os.path.join(build, "datasets", SMALL))
+    dataset.write_train(os.path.join(build, "datasets", TRAIN))
+    run = next(r for r in RUNS if r["name"] == DEMO_RUN)
+    info: dict = {}
+    build_run(build, run, info)
+    with open(os.path.join(build, "runs.json"), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "runs": [describe_run(build, run, info[DEMO_RUN])]}, f, indent=2)
+
+
+def demo_source() -> str:
+    """A directory holding runs.json with the demo run: the full fixtures when they are
+    built, else `<root>/<hash>-demo/`, built (atomically, once) with just that run."""
+    root = fixtures_root()
+    digest = source_hash()
+    full = os.path.join(root, digest)
+    if os.path.exists(os.path.join(full, "COMPLETE")):
+        return full
+    final = os.path.join(root, f"{digest}-demo")
+    if os.path.exists(os.path.join(final, "COMPLETE")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f"{digest}-demo.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(final, "COMPLETE")):
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+        build = os.path.join(root, f"{digest}-demo.tmp-{os.getpid()}")
+        shutil.rmtree(build, ignore_errors=True)
+        progress(f"no fixtures yet: building the demo run alone in {build}")
+        build_demo_only(build)
+        with open(os.path.join(build, "COMPLETE"), "w") as f:
+            f.write(f"{digest}\n")
+        os.rename(build, final)
+    return final
+
+
+def make_demo(dest: str) -> str:
+    """Copy the mobilenet_v3_large_320_fpn run (with its user-side eval) to `dest/run/` and
+    the eval dataset to `dest/triangles_dataset_small/`. Returns the run dir."""
+    src = demo_source()
+    with open(os.path.join(src, "runs.json")) as f:
+        run = next(r for r in json.load(f)["runs"] if r["name"] == DEMO_RUN)
+    dst_run = os.path.join(dest, "run")
+    dst_data = os.path.join(dest, SMALL)
+    for path in (dst_run, dst_data):
+        if os.path.exists(path):
+            shutil.rmtree(path)
+    shutil.copytree(os.path.join(src, run["run_dir"]), dst_run)
+    shutil.copytree(os.path.join(src, "datasets", SMALL), dst_data)
+    progress(f"demo run: {dst_run} (a copy of {run['run_dir']})")
     progress(f"demo dataset: {dst_data}")
     progress(f"try: mkonnx build {dst_run} --dataset-dir {dst_data} --evaluate-converted-model")
+    return dst_run
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="Build mkonnx's reference fixtures")
-    ap.add_argument("--demo", metavar="DIR", help="copy a demo run and dataset into DIR")
+    ap.add_argument("--demo", metavar="DIR", help="write a demo run and dataset into DIR/run and DIR/triangles_dataset_small")
     ap.add_argument("--print-hash", action="store_true", help="print the source hash and exit")
     args = ap.parse_args(argv)
     if args.print_hash:
         print(source_hash())
         return 0
-    fixtures = ensure_fixtures()
     if args.demo:
-        make_demo(fixtures, os.path.abspath(args.demo))
-    print(fixtures)
+        # The demo does not wait for the full fixtures: it reuses them when built, else
+        # trains its one run alone (a few minutes).
+        print(make_demo(os.path.abspath(args.demo)))
+        return 0
+    print(ensure_fixtures())
     return 0
 
 

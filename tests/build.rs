@@ -90,7 +90,8 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     let restored = build_json(&run_dir, &store, &[]);
     assert!(rebuilt(&restored).is_empty(), "{restored:#}");
     assert!(run_dir.join("onnx_model/model.onnx").is_file());
-    assert_eq!(std::fs::read_to_string(onnx_eval.join("onnx_metrics.json")).unwrap(), serde_json::to_string_pretty(&ours).unwrap());
+    let back: Value = serde_json::from_str(&std::fs::read_to_string(onnx_eval.join("onnx_metrics.json")).unwrap()).unwrap();
+    assert_eq!(back, ours);
 
     // A config key that does not affect the model: resolve reruns, its output is identical,
     // so only the summary (which records the config's hash) follows. Early cutoff.
@@ -127,7 +128,8 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rebuilt(&v), ["compare", "evaluate_onnx", "evaluate_pytorch", "ground_truth"], "{v:#}");
 
-    // Image bytes: the same stages, plus the parity check when it is the sample image.
+    // Image bytes: the same stages, plus the parity check (and the summary that reports it)
+    // when it is the sample image.
     let first_image = ds.join(serde_json::from_str::<Value>(&lines[0]).unwrap()["image"].as_str().unwrap());
     let img = image::open(&first_image).unwrap().to_rgb8();
     let mut img = img;
@@ -135,7 +137,11 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     img.save(&first_image).unwrap();
     let o = mkonnx(&ds_args, &store);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(rebuilt(&v), ["compare", "evaluate_onnx", "evaluate_pytorch", "ground_truth", "parity_check"], "{v:#}");
+    assert_eq!(
+        rebuilt(&v),
+        ["compare", "conversion_summary", "evaluate_onnx", "evaluate_pytorch", "ground_truth", "parity_check"],
+        "{v:#}"
+    );
 
     // The checkpoint re-saved with other training state but the same weights: the stages that
     // read it rerun; the ONNX model comes out byte-identical, so its evaluation stays fresh.

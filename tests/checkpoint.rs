@@ -5,6 +5,9 @@
 //! dict is unwrapped (keys, dtypes, shapes, values or value summaries, the other top-level
 //! entries), or the kind of error the reader must report.
 
+mod common;
+use common::fixtures_dir;
+
 use std::io::{Cursor, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -12,16 +15,6 @@ use std::time::Instant;
 
 use mkonnx::data::checkpoint::{load_state_dict, load_state_dict_from_bytes, CheckpointError, PyValue, StateDict};
 use serde_json::Value;
-
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("MKONNX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => panic!(
-            "MKONNX_FIXTURES is not set: run `make fixtures` and export the directory it prints \
-             (checkpoint cases come from `python reference/checkpoint_cases.py <dir>/checkpoints`)"
-        ),
-    }
-}
 
 fn cases_dir() -> PathBuf {
     fixtures_dir().join("checkpoints")

@@ -2,18 +2,15 @@
 //! `reference/coco_cases.py` writes to `$MKONNX_FIXTURES/coco/`: every one of the 12
 //! stats within 1e-9 and the printed summary character for character.
 
+mod common;
+use common::fixtures_dir;
+
 use std::path::{Path, PathBuf};
 
 use mkonnx::eval::coco::{evaluate_files, iou_thresholds, rec_thresholds, summary_text, CocoError, CocoMetrics};
 use serde::Deserialize;
 
 /// The generated fixtures' root (`make fixtures` prints it).
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("MKONNX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => panic!("MKONNX_FIXTURES is not set: run `make fixtures` and export the directory it prints"),
-    }
-}
 
 #[derive(Deserialize)]
 struct Expected {

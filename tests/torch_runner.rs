@@ -11,6 +11,9 @@
 //!   1e-4 and boxes within 1e-3 px. Everything runs with one libtorch thread, as the golden
 //!   outputs were made.
 
+mod common;
+use common::fixtures_dir;
+
 use mkonnx::data::checkpoint::load_state_dict;
 use mkonnx::model::{Architecture, Detector, WeightTensor, Weights};
 use mkonnx::runtime::torch::ops::{self, RoiAlignParams};
@@ -18,16 +21,6 @@ use mkonnx::runtime::torch::{image_from_rgb8, parse_device, set_num_threads, Det
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::Device;
-
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("MKONNX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => panic!(
-            "MKONNX_FIXTURES is not set: run `make fixtures` and export the directory it prints \
-             (ops cases come from `python reference/ops_cases.py <dir>/ops`)"
-        ),
-    }
-}
 
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

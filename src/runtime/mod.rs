@@ -19,8 +19,9 @@ pub enum RuntimeError {
     },
 }
 
-/// One image's detections at its original size: pixel x1, y1, x2, y2, sorted by score.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// One image's detections at its original size (as `model(images)` returns them): pixel x1,
+/// y1, x2, y2, sorted by score.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Detections {
     /// Boxes in pixels of the original image.
     pub boxes: Vec<[f32; 4]>,

@@ -137,6 +137,6 @@ impl LibtorchDetector {
             .map(|chw| tch::Tensor::from_slice(chw).view([3, batch.height as i64, batch.width as i64]))
             .collect();
         let torch = self.inner.lock().map_err(|_| anyhow::anyhow!("libtorch runner lock poisoned"))?;
-        Ok(torch.detect(&images)?.into_iter().map(|d| Detections { boxes: d.boxes, scores: d.scores, labels: d.labels }).collect())
+        Ok(torch.detect(&images)?)
     }
 }

@@ -89,16 +89,7 @@ impl<T> TorchContext<T> for Result<T, tch::TchError> {
     }
 }
 
-/// The detections of one image, as `model(images)` returns them.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Detections {
-    /// (x1, y1, x2, y2) in pixels of the original image.
-    pub boxes: Vec<[f32; 4]>,
-    /// Class scores, decreasing.
-    pub scores: Vec<f32>,
-    /// 1-indexed categories.
-    pub labels: Vec<i64>,
-}
+pub use super::Detections;
 
 /// Intermediate values of one image's inference, for debugging against eager.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
