@@ -48,7 +48,11 @@ def main():
     if cmd == "export":
         model = build_model(sys.argv[2])
         x = [torch.rand(3, 320, 320)]
-        torch.onnx.export(model, (x,), sys.argv[3], opset_version=17, dynamo=False, input_names=["input"], output_names=["boxes", "scores", "labels"])
+        # torchvision's documented export: one image, dynamic height and width (no batch axis).
+        torch.onnx.export(
+            model, (x,), sys.argv[3], opset_version=17, dynamo=False, input_names=["input"],
+            output_names=["boxes", "scores", "labels"], dynamic_axes={"input": {1: "height", 2: "width"}},
+        )
         print(json.dumps({"ok": True}))
     elif cmd == "ort":
         import numpy as np
@@ -61,11 +65,19 @@ def main():
         rank = len(s.get_inputs()[0].shape)
         imgs = load_images(sys.argv[3], int(sys.argv[4]))
         feed = [{name: (im.transpose(2, 0, 1)[None] if rank == 4 else im.transpose(2, 0, 1)).astype(np.float32)} for im in imgs]
-        s.run(None, feed[0])  # warm-up
-        t = time.perf_counter()
+        # torchvision's graph fails on some images (empty detections): time the ones it runs.
+        ok = []
         for f in feed:
+            try:
+                s.run(None, f)
+                ok.append(f)
+            except Exception:
+                pass
+        t = time.perf_counter()
+        for f in ok:
             s.run(None, f)
-        print(json.dumps({"ms_per_image": (time.perf_counter() - t) * 1000 / len(feed)}))
+        ms = (time.perf_counter() - t) * 1000 / max(len(ok), 1)
+        print(json.dumps({"ms_per_image": ms, "images": len(ok), "failed": len(feed) - len(ok)}))
     elif cmd == "eager":
         model = build_model(sys.argv[2])
         imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in load_images(sys.argv[3], int(sys.argv[4]))]

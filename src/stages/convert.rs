@@ -44,9 +44,35 @@ pub fn load_weights(checkpoint: &Path) -> anyhow::Result<(Weights, Option<String
     Ok((Weights::from_state_dict(sd), wrapper, prefix))
 }
 
-/// Loads the detector described by `info` with the checkpoint's weights.
-pub fn load_detector(checkpoint: &Path, info: &ModelInfo) -> anyhow::Result<Detector> {
-    let (weights, _, _) = load_weights(checkpoint)?;
+/// A checkpoint's weights with the wrapper key and stripped prefix it was found under.
+type LoadedWeights = (Weights, Option<String>, Option<String>);
+
+/// The checkpoints read most recently in this process, by content hash: the stages of one
+/// run (resolve, export, parity, evaluation) read the same checkpoint, and parsing it again
+/// costs more than copying the tensors.
+static RECENT_CHECKPOINTS: std::sync::Mutex<Vec<(crate::engine::Hash, std::sync::Arc<LoadedWeights>)>> = std::sync::Mutex::new(Vec::new());
+
+/// How many parsed checkpoints [`RECENT_CHECKPOINTS`] keeps (a ResNet-50 is ~170 MB).
+const RECENT_CHECKPOINTS_KEPT: usize = 2;
+
+/// The stage's `checkpoint` input, parsed once per process and content hash.
+pub fn checkpoint_weights(ctx: &StageContext<'_>) -> anyhow::Result<std::sync::Arc<LoadedWeights>> {
+    let hash = ctx.input_file_hash("checkpoint")?;
+    if let Some((_, w)) =
+        RECENT_CHECKPOINTS.lock().map_err(|_| anyhow::anyhow!("checkpoint cache poisoned"))?.iter().find(|(h, _)| *h == hash)
+    {
+        return Ok(w.clone());
+    }
+    let loaded = std::sync::Arc::new(load_weights(ctx.input_file("checkpoint")?)?);
+    let mut recent = RECENT_CHECKPOINTS.lock().map_err(|_| anyhow::anyhow!("checkpoint cache poisoned"))?;
+    recent.insert(0, (hash, loaded.clone()));
+    recent.truncate(RECENT_CHECKPOINTS_KEPT);
+    Ok(loaded)
+}
+
+/// Loads the detector described by `info` with the stage's checkpoint.
+pub fn load_detector(ctx: &StageContext<'_>, info: &ModelInfo) -> anyhow::Result<Detector> {
+    let weights = checkpoint_weights(ctx)?.0.clone();
     Ok(Detector { arch: info.arch, params: info.params.clone(), weights })
 }
 
@@ -71,8 +97,9 @@ impl Stage for ResolveModel {
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let checkpoint = ctx.input_file("checkpoint")?.to_path_buf();
         let config = TrainingConfig::load(ctx.input_file("config")?)?;
-        let (weights, wrapper, stripped_prefix) = load_weights(&checkpoint)?;
-        let Resolved { arch, arch_source, params, class_names } = resolve(&config, &weights, &checkpoint)?;
+        let loaded = checkpoint_weights(ctx)?;
+        let (weights, wrapper, stripped_prefix) = (&loaded.0, loaded.1.clone(), loaded.2.clone());
+        let Resolved { arch, arch_source, params, class_names } = resolve(&config, weights, &checkpoint)?;
         let parameters = weights.names().map(|n| weights.get(n).map(|t| t.data.len()).unwrap_or(0)).sum();
         let info = ModelInfo { arch, arch_source, params, class_names, wrapper, stripped_prefix, tensors: weights.len(), parameters };
         ctx.write_output("model.json", serde_json::to_vec_pretty(&info)?)?;
@@ -95,7 +122,7 @@ impl Stage for ExportOnnx {
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
+        let detector = load_detector(ctx, &info)?;
         let model = crate::onnx::export(&detector).with_context(|| format!("exporting {}", info.arch))?;
         ctx.write_output("model.onnx", crate::onnx::encode(&model))?;
         Ok(())

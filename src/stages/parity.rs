@@ -66,7 +66,7 @@ impl Stage for ParityCheck {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let image = RgbImage::load(ctx.input_file("image")?)?;
         let batch = image.to_batch();
-        let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
+        let detector = load_detector(ctx, &info)?;
         let torch = LibtorchDetector::new(&detector, self.device, self.threads)?.detect(&batch)?.remove(0);
         let onnx = OnnxDetector::load(&ctx.input_artifact("onnx", "model.onnx")?, self.threads)?.detect(&batch)?.remove(0);
         let result = compare(&torch, &onnx, ONNX_TOLERANCE, info.params.box_score_thresh);
@@ -108,7 +108,7 @@ impl Stage for EvaluatePytorch {
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let detector = load_detector(ctx.input_file("checkpoint")?, &info)?;
+        let detector = load_detector(ctx, &info)?;
         let torch = LibtorchDetector::new(&detector, self.device, self.threads)?;
         evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| torch.detect(b))
     }
