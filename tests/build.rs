@@ -271,3 +271,16 @@ fn a_build_killed_mid_stage_leaves_the_next_one_correct() {
         assert_eq!(std::fs::read(run_dir.join(f)).unwrap(), std::fs::read(clean.join(f)).unwrap(), "{f} differs from a clean build");
     }
 }
+
+#[test]
+fn every_fixture_run_compares_excellent_with_its_own_evaluation() {
+    let t = tempfile::tempdir().unwrap();
+    for r in all_runs() {
+        let name = r["name"].as_str().unwrap();
+        let run_dir = copy_run(name, &t.path().join(name), true);
+        let v = build_json(&run_dir, &t.path().join("store"), &["--no-parity-check", "--visualizations", "1"]);
+        let cmp = &v["runs"][0]["comparison"];
+        assert_eq!(cmp["overall"], "excellent", "{name}: {cmp:#}");
+        assert_eq!(cmp["dataset"]["consistent"], true, "{name}: {cmp:#}");
+    }
+}

@@ -106,3 +106,18 @@ fn convert_model_sh_forwards_to_mkonnx_build() {
         .unwrap();
     assert!(text(&o).contains("Either --image-input or --dataset-dir must be provided"), "{}", text(&o));
 }
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("sample.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let dir = run_dir(t.path(), true, true);
+    let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap(), "--device", "cuda"], &t.path().join("store"));
+    let out = text(&o);
+    if mkonnx::runtime::torch::parse_device("cuda").is_ok() {
+        return; // this machine has a GPU: nothing to refuse
+    }
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out.contains("no CUDA GPU") && out.contains("--device cpu") && !out.contains("panicked"), "{out}");
+}

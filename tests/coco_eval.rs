@@ -153,3 +153,20 @@ fn malformed_files_are_errors_naming_the_file() {
     assert!(matches!(err, CocoError::Read { .. }), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// The reference eval app's own files (eager torchvision predictions on the fixture runs,
+/// pycocotools' stats): our evaluation of the same files gives the same 12 stats.
+#[test]
+fn fixture_runs_predictions_match_pycocotools() {
+    let root = fixtures_dir();
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("runs.json")).unwrap()).unwrap();
+    for run in index["runs"].as_array().unwrap() {
+        let dir = root.join(run["eval_dir"].as_str().unwrap());
+        let ours = mkonnx::eval::coco::evaluate_files(&dir.join("ground_truth_coco.json"), &dir.join("pytorch_predictions.json")).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pytorch_metrics.json")).unwrap()).unwrap();
+        for (i, (a, b)) in ours.stats.iter().zip(theirs["stats"].as_array().unwrap()).enumerate() {
+            let b = b.as_f64().unwrap();
+            assert!((a - b).abs() <= 1e-9, "{} stat {i}: ours {a} pycocotools {b}", run["name"]);
+        }
+    }
+}

@@ -9,6 +9,7 @@ use crate::stages::{plan, BuildRequest, Device};
 use anyhow::Context;
 use args::{BuildArgs, Cli, Command, DeviceArg};
 use clap::Parser;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -111,7 +112,11 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let threads = (cpus / jobs).max(1);
     let device = match a.device {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda,
+        DeviceArg::Cuda => {
+            // Fail before any work when no GPU can run the PyTorch side.
+            crate::runtime::torch::parse_device("cuda")?;
+            Device::Cuda
+        }
     };
     let req = BuildRequest {
         runs,
@@ -141,20 +146,46 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
 
     let quiet = a.quiet || a.json;
+    // On a terminal: a progress bar over the graph's stages, with a line per stage built;
+    // elsewhere (CI logs): plain lines; with --quiet or --json: nothing.
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(graph.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} stages  {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    let say = |line: String| match &bar {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
     let observer = |e: &BuildEvent<'_>| {
         if quiet {
             return;
         }
         match e {
-            BuildEvent::Started { node } => eprintln!("  running  {}", graph.display_name(*node)),
-            BuildEvent::Finished { node, outcome } => match outcome {
-                Outcome::Built { duration } => eprintln!("  built    {} ({:.1?})", graph.display_name(*node), duration),
-                Outcome::Failed { error } => eprintln!("  FAILED   {}: {error:#}", graph.display_name(*node)),
-                _ => {}
+            BuildEvent::Started { node } => match &bar {
+                Some(b) => b.set_message(format!("running {}", graph.display_name(*node))),
+                None => eprintln!("  running  {}", graph.display_name(*node)),
             },
+            BuildEvent::Finished { node, outcome } => {
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+                match outcome {
+                    Outcome::Built { duration } => say(format!("  built    {} ({:.1?})", graph.display_name(*node), duration)),
+                    Outcome::Failed { error } => say(format!("  FAILED   {}: {error:#}", graph.display_name(*node))),
+                    _ => {}
+                }
+            }
         }
     };
     let report = engine.build(&graph, &BuildOptions { force, observer: Some(&observer) })?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
 
     let mut all_ok = failed_runs.is_empty();
     let mut json_runs = Vec::new();

@@ -182,12 +182,40 @@ pub fn parse_device(name: &str) -> Result<Device, RuntimeError> {
 }
 
 fn check_device(device: Device, requested: &str) -> Result<(), RuntimeError> {
+    if matches!(device, Device::Cuda(_)) {
+        load_cuda_backend();
+    }
     match device {
         Device::Cpu => Ok(()),
         Device::Cuda(i) if tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count() => Ok(()),
         Device::Cuda(_) => Err(RuntimeError::CudaUnavailable { requested: requested.to_string() }),
         other => Err(RuntimeError::UnknownDevice(device_name(other))),
     }
+}
+
+/// Loads libtorch's CUDA backend (`libtorch_cuda.so`) into the process, once.
+///
+/// The binary links only what it references, so the CUDA backend (and its GB of CUDA
+/// libraries) is not loaded at start-up: CPU runs and no-op rebuilds don't pay for it. Its
+/// static initializers register CUDA with libtorch, so `--device cuda` loads it first; where it
+/// or the driver is missing, `tch::Cuda::is_available()` stays false and the caller reports it.
+fn load_cuda_backend() {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    LOADED.get_or_init(|| {
+        let dir = option_env!("MKONNX_LIBTORCH_LIB").unwrap_or("");
+        let path = std::path::Path::new(dir).join("libtorch_cuda.so");
+        // SAFETY: loading libtorch's own CUDA backend, built for the libtorch this binary links;
+        // the library is never unloaded (leaked), so no symbol outlives it.
+        match unsafe {
+            libloading::os::unix::Library::open(Some(&path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
+        } {
+            Ok(lib) => {
+                std::mem::forget(lib);
+                true
+            }
+            Err(_) => false,
+        }
+    });
 }
 
 /// `cpu`, `cuda:N`, or libtorch's name for other devices.
