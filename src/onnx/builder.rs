@@ -89,8 +89,7 @@ impl GraphBuilder {
 
     /// Adds a float32 initializer under `name` (a state_dict path for weights).
     pub fn initializer_f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> Value {
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.push_initializer(name.to_string(), DataType::Float, dims, raw)
+        self.push_initializer(name.to_string(), DataType::Float, dims, le_bytes(data))
     }
 
     /// A float32 constant.
@@ -195,6 +194,16 @@ impl GraphBuilder {
             }),
             metadata_props: metadata.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect(),
         }
+    }
+}
+
+/// The little-endian bytes of float32 values (ONNX's `raw_data` layout): a plain copy on
+/// little-endian machines, where weights are tens of millions of floats.
+fn le_bytes(data: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(data).to_vec()
+    } else {
+        data.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 }
 
