@@ -121,3 +121,24 @@ fn cuda_without_a_gpu_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(out.contains("no CUDA GPU") && out.contains("--device cpu") && !out.contains("panicked"), "{out}");
 }
+
+#[test]
+fn a_broken_run_does_not_stop_the_others() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("sample.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let broken = run_dir(t.path(), true, true);
+    std::fs::write(broken.join(".hydra/config.yaml"), "model: [unclosed\n").unwrap();
+    let missing = t.path().join("no_such_run");
+    let o = mkonnx(
+        &["build", missing.to_str().unwrap(), broken.to_str().unwrap(), "--image-input", img.to_str().unwrap(), "--json"],
+        &t.path().join("store"),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v:#}");
+    assert!(runs.iter().all(|r| r["ok"] == false), "{v:#}");
+    let errors = v.to_string();
+    assert!(errors.contains("not valid YAML") && errors.contains("Run directory not found"), "{v:#}");
+}

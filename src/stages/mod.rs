@@ -135,7 +135,9 @@ pub fn plan(req: &BuildRequest) -> anyhow::Result<(Graph, Vec<PlannedRun>)> {
 
         let mut compare = None;
         if let (true, Some(ds)) = (req.evaluate, req.dataset.as_ref()) {
-            let class_names = planned_class_names(run)?;
+            // A config that cannot be read fails this run in `resolve_model`, with its own
+            // error, not the whole build: plan its ground truth with generic names.
+            let class_names = planned_class_names(run).unwrap_or_default();
             let gt = g.add(with_dataset(NodeSpec::new(evaluate::GroundTruth { class_names }).label(&label), ds))?;
             let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
             let onnx_eval = g.add(
