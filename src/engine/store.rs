@@ -148,12 +148,18 @@ impl Store {
         let sql = |e| EngineError::Sqlite { path: db_path.clone(), source: e };
         let mut conn = Connection::open(&db_path).map_err(sql)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(sql)?;
-        // NORMAL in WAL mode keeps the database consistent on a crash; a power cut may
-        // lose the last transactions, which only means rebuilding those results.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
-        migrate(&mut conn, &db_path)?;
+        // Switching a new database to WAL, and its first migration, can report SQLITE_BUSY
+        // at once when another process is doing the same (SQLite skips the busy handler where
+        // waiting could deadlock), so the set-up is retried for up to the busy timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match configure(&mut conn, &db_path) {
+                Err(EngineError::Sqlite { source, .. }) if is_busy(&source) && started.elapsed() < BUSY_TIMEOUT => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other?,
+            }
+        }
 
         let tmp = root.join("tmp");
         let (session_dir, session_lock_path, session_lock) = new_session(&tmp)?;
@@ -517,6 +523,22 @@ impl Drop for Store {
         let _ = fs::remove_dir_all(&self.session_dir);
         let _ = fs::remove_file(&self.session_lock_path);
     }
+}
+
+/// WAL, durability and foreign keys, then the schema migrations.
+fn configure(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
+    let sql = |e| EngineError::Sqlite { path: db_path.to_path_buf(), source: e };
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(sql)?;
+    // NORMAL in WAL mode keeps the database consistent on a crash; a power cut may
+    // lose the last transactions, which only means rebuilding those results.
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+    migrate(conn, db_path)
+}
+
+/// Whether SQLite said "busy" or "locked".
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
 fn migrate(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
