@@ -17,6 +17,13 @@ fn run_dir(root: &Path, checkpoint: bool, config: bool) -> std::path::PathBuf {
     dir
 }
 
+/// A small PNG to pass as `--image-input`.
+fn sample_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("sample.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    img
+}
+
 #[test]
 fn option_errors_keep_the_original_wording() {
     let t = tempfile::tempdir().unwrap();
@@ -33,8 +40,7 @@ fn option_errors_keep_the_original_wording() {
 #[test]
 fn missing_inputs_name_the_file() {
     let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("sample.png");
-    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let img = sample_image(t.path());
     let dir = run_dir(t.path(), false, true);
     let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap()], t.path());
     assert!(!o.status.success());
@@ -55,8 +61,7 @@ fn missing_inputs_name_the_file() {
 #[test]
 fn a_bad_checkpoint_fails_its_run_with_a_clear_error_and_no_model() {
     let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("sample.png");
-    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let img = sample_image(t.path());
     let dir = run_dir(t.path(), true, true);
     let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap()], &t.path().join("store"));
     assert_eq!(o.status.code(), Some(1));
@@ -110,8 +115,7 @@ fn convert_model_sh_forwards_to_mkonnx_build() {
 #[test]
 fn cuda_without_a_gpu_is_a_clear_error() {
     let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("sample.png");
-    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let img = sample_image(t.path());
     let dir = run_dir(t.path(), true, true);
     let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap(), "--device", "cuda"], &t.path().join("store"));
     let out = text(&o);
@@ -125,8 +129,7 @@ fn cuda_without_a_gpu_is_a_clear_error() {
 #[test]
 fn a_broken_run_does_not_stop_the_others() {
     let t = tempfile::tempdir().unwrap();
-    let img = t.path().join("sample.png");
-    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let img = sample_image(t.path());
     let broken = run_dir(t.path(), true, true);
     std::fs::write(broken.join(".hydra/config.yaml"), "model: [unclosed\n").unwrap();
     let missing = t.path().join("no_such_run");

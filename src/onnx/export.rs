@@ -159,7 +159,7 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
     let batch = g.element(&shape, 0);
     let hw = g.slice_const(&shape, &[2], &[4], &[0]);
     let hw_f64 = g.cast(&hw, DataType::Double);
-    let short = g.reduce_min_vec(&hw_f64);
+    let short = g.reduce_min(&hw_f64, &[0], true);
     let long = g.reduce_max(&hw_f64, &[0], true);
     let min_size = g.scalar_f64(f64::from(p.min_size));
     let max_size = g.scalar_f64(f64::from(p.max_size));
@@ -201,13 +201,6 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
 fn scalar_at(g: &mut GraphBuilder, v: &Value, i: i64) -> Value {
     let idx = g.scalar_i64(i);
     g.gather(v, &idx, 0)
-}
-
-impl GraphBuilder {
-    /// ReduceMin over a 1-D tensor keeping one dimension (opset 13-17 attribute form).
-    fn reduce_min_vec(&mut self, x: &Value) -> Value {
-        self.node1("ReduceMin", &[x], &[("axes", super::builder::Attr::Ints(vec![0])), ("keepdims", super::builder::Attr::Int(1))])
-    }
 }
 
 /// Splits boxes [.., 4] into four [..] coordinate tensors along the last axis.

@@ -198,6 +198,11 @@ impl GraphBuilder {
         self.node1("ReduceMax", &[x], &[("axes", Attr::Ints(axes.to_vec())), ("keepdims", Attr::Int(keepdims as i64))])
     }
 
+    /// [ReduceMin](https://onnx.ai/onnx/operators/onnx__ReduceMin.html) (opset 13-17: axes attribute).
+    pub fn reduce_min(&mut self, x: &Value, axes: &[i64], keepdims: bool) -> Value {
+        self.node1("ReduceMin", &[x], &[("axes", Attr::Ints(axes.to_vec())), ("keepdims", Attr::Int(keepdims as i64))])
+    }
+
     /// [ReduceSum](https://onnx.ai/onnx/operators/onnx__ReduceSum.html) (axes input since opset 13).
     pub fn reduce_sum(&mut self, x: &Value, axes: &[i64], keepdims: bool) -> Value {
         let axes = self.ints(axes);
