@@ -35,8 +35,8 @@ $(STAMPS)/venv: reference/requirements.txt
 
 setup: $(STAMPS)/venv .cargo/config.toml build ## Python environment + .cargo/config.toml + release build
 
-build: .cargo/config.toml ## release build of mkonnx (target/release/mkonnx)
-	cargo build --release --bins
+build: .cargo/config.toml ## release build of mkonnx and its PyTorch runner (target/release/mkonnx, mkonnx-torch)
+	cargo build --release --workspace --bins
 
 fixtures: $(STAMPS)/venv ## build the reference fixtures (cached outside the repo; prints the directory)
 	@$(PY) reference/make_fixtures.py | tail -n 1
@@ -47,7 +47,7 @@ demo: setup ## convert, evaluate and compare the built-in demo run (writes demo/
 
 test: setup ## every test, against fixtures from real torchvision/pycocotools
 	MKONNX_FIXTURES=$$($(PY) reference/make_fixtures.py | tail -n 1) \
-	  cargo test --release -- --test-threads=$(RUST_TEST_THREADS)
+	  cargo test --release --workspace -- --test-threads=$(RUST_TEST_THREADS)
 
 bench: setup ## benchmarks against their Python peers; results in target/bench/results.md
 	MKONNX_FIXTURES=$$($(PY) reference/make_fixtures.py | tail -n 1) \
@@ -55,7 +55,7 @@ bench: setup ## benchmarks against their Python peers; results in target/bench/r
 
 lint: .cargo/config.toml ## rustfmt check + clippy -D warnings
 	cargo fmt --check
-	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 fmt: ## format the code
 	cargo fmt

@@ -1,11 +1,8 @@
 //! Build script: makes the `mkonnx` binary runnable from any directory without exported
-//! variables.
-//!
-//! - libtorch: torch-sys finds it (from `LIBTORCH_USE_PYTORCH=1` or `LIBTORCH`) but gives the
-//!   final binary no rpath, so we add one from `DEP_TCH_LIBTORCH_LIB`.
-//! - ONNX Runtime: `ort` is built with `load-dynamic`; we record the absolute path of the
-//!   `libonnxruntime.so` that the build found (`ORT_DYLIB_PATH`, else the onnxruntime wheel of
-//!   the Python on PATH) so the binary can load it at run time.
+//! variables. ONNX Runtime: `ort` is built with `load-dynamic`; we record the absolute path of
+//! the `libonnxruntime.so` that the build found (`ORT_DYLIB_PATH`, else the onnxruntime wheel
+//! of the Python on PATH) so the binary can load it at run time. (libtorch is the runner
+//! crate's business: torch/build.rs.)
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,11 +11,6 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
-
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        println!("cargo:rustc-env=MKONNX_LIBTORCH_LIB={lib}");
-    }
 
     match onnxruntime_dylib() {
         Some(path) => println!("cargo:rustc-env=MKONNX_ORT_DYLIB={}", path.display()),

@@ -281,32 +281,24 @@ fn main() {
     println!("\nwritten to {}", out.join("results.md").display());
 }
 
-/// Times our libtorch runner over the first `n` dataset images, one thread, after a warm-up.
+/// Times our libtorch runner (the `mkonnx-torch` process the stages use, images sent over
+/// its pipe) over the first `n` dataset images, one thread, after a warm-up.
 fn libtorch_images_per_second(run_dir: &Path, n: usize) -> (Duration, usize) {
     use mkonnx::data::hydra::TrainingConfig;
     use mkonnx::model::resolve::resolve;
-    use mkonnx::model::Detector;
+    use mkonnx::runtime::pytorch::{Device, PytorchRunner, RunnerSetup};
     use mkonnx::stages::convert::load_weights;
     let checkpoint = run_dir.join("best_model.pth");
     let (weights, _, _) = load_weights(&checkpoint).unwrap();
     let r = resolve(&TrainingConfig::load(&run_dir.join(".hydra/config.yaml")).unwrap(), &weights, &checkpoint).unwrap();
-    let det = Detector { arch: r.arch, params: r.params, weights };
-    mkonnx::runtime::torch::set_num_threads(1);
-    let runner = mkonnx::runtime::torch::TorchDetector::new(&det, tch::Device::Cpu).unwrap();
+    let setup = RunnerSetup { checkpoint, arch: r.arch, params: r.params, device: Device::Cpu, threads: 1 };
+    let mut runner = PytorchRunner::start(&setup).unwrap();
     let ds = mkonnx::data::dataset::Dataset::load(&dataset()).unwrap();
-    let images: Vec<tch::Tensor> = ds
-        .images
-        .iter()
-        .take(n)
-        .map(|i| {
-            let img = RgbImage::load(&ds.image_path(i)).unwrap();
-            tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64])
-        })
-        .collect();
-    runner.detect(std::slice::from_ref(&images[0])).unwrap();
+    let images: Vec<_> = ds.images.iter().take(n).map(|i| RgbImage::load(&ds.image_path(i)).unwrap().to_batch()).collect();
+    runner.detect(&images[0]).unwrap();
     let t = Instant::now();
     for img in &images {
-        runner.detect(std::slice::from_ref(img)).unwrap();
+        runner.detect(img).unwrap();
     }
     (t.elapsed(), images.len())
 }

@@ -119,7 +119,7 @@ fn cuda_without_a_gpu_is_a_clear_error() {
     let dir = run_dir(t.path(), true, true);
     let o = mkonnx(&["build", dir.to_str().unwrap(), "--image-input", img.to_str().unwrap(), "--device", "cuda"], &t.path().join("store"));
     let out = text(&o);
-    if mkonnx::runtime::torch::parse_device("cuda").is_ok() {
+    if mkonnx::runtime::pytorch::check_device(mkonnx::runtime::pytorch::Device::Cuda).is_ok() {
         return; // this machine has a GPU: nothing to refuse
     }
     assert_eq!(o.status.code(), Some(1));

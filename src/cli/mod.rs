@@ -114,7 +114,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => {
             // Fail before any work when no GPU can run the PyTorch side.
-            crate::runtime::torch::parse_device("cuda")?;
+            crate::runtime::pytorch::check_device(Device::Cuda)?;
             Device::Cuda
         }
     };

@@ -1,7 +1,8 @@
-//! Running detectors: the ONNX model on ONNX Runtime and the PyTorch model on libtorch.
+//! Running detectors: the ONNX model on ONNX Runtime (in process) and the PyTorch model on
+//! libtorch (in the `mkonnx-torch` runner process, see [`pytorch`]).
 
 pub mod onnx;
-pub mod torch;
+pub mod pytorch;
 
 /// Errors from the runtimes.
 #[derive(Debug, thiserror::Error)]

@@ -23,15 +23,7 @@ use crate::engine::{Graph, NodeHandle, NodeSpec};
 use crate::runtime::{Detections, RgbImage};
 use std::path::PathBuf;
 
-/// Which device runs the PyTorch model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// CPU.
-    Cpu,
-    /// First CUDA GPU.
-    Cuda,
-}
+pub use crate::runtime::pytorch::Device;
 
 /// What to build.
 #[derive(Clone, Debug)]

@@ -1,14 +1,14 @@
-//! Stages that run the PyTorch model on libtorch: the parity check of a conversion on its
+//! Stages that run the PyTorch model on libtorch (in the `mkonnx-torch` runner): the parity check of a conversion on its
 //! sample image, and the PyTorch-side evaluation when the user has none.
 
-use super::convert::{load_detector, read_json, ModelInfo};
+use super::convert::{read_json, ModelInfo};
 use super::evaluate::evaluate_dataset;
 use super::Device;
 use crate::engine::{Stage, StageContext};
 use crate::eval::parity::{compare, ParityResult, ONNX_TOLERANCE};
-use crate::model::Detector;
 use crate::runtime::onnx::OnnxDetector;
-use crate::runtime::{Detections, ImageBatch, RgbImage};
+use crate::runtime::pytorch::{PytorchRunner, RunnerSetup};
+use crate::runtime::RgbImage;
 use serde::{Deserialize, Serialize};
 
 /// `parity.json`: how the ONNX model agrees with the PyTorch model on the sample image.
@@ -66,8 +66,7 @@ impl Stage for ParityCheck {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let image = RgbImage::load(ctx.input_file("image")?)?;
         let batch = image.to_batch();
-        let detector = load_detector(ctx, &info)?;
-        let torch = LibtorchDetector::new(&detector, self.device, self.threads)?.detect(&batch)?.remove(0);
+        let torch = start_runner(ctx, &info, self.device, self.threads)?.detect(&batch)?.remove(0);
         let onnx = OnnxDetector::load(&ctx.input_artifact("onnx", "model.onnx")?, self.threads)?.detect(&batch)?.remove(0);
         let result = compare(&torch, &onnx, ONNX_TOLERANCE, info.params.box_score_thresh);
         let report = ParityReport { image: self.sample_name.clone(), passed: result.passed(ONNX_TOLERANCE), result };
@@ -108,35 +107,21 @@ impl Stage for EvaluatePytorch {
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let detector = load_detector(ctx, &info)?;
-        let torch = LibtorchDetector::new(&detector, self.device, self.threads)?;
-        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| torch.detect(b))
+        let runner = std::sync::Mutex::new(start_runner(ctx, &info, self.device, self.threads)?);
+        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| {
+            Ok(runner.lock().map_err(|_| anyhow::anyhow!("PyTorch runner lock poisoned"))?.detect(b)?)
+        })
     }
 }
 
-/// The libtorch runner behind the stages' batch interface.
-struct LibtorchDetector {
-    inner: std::sync::Mutex<crate::runtime::torch::TorchDetector>,
-}
-
-impl LibtorchDetector {
-    fn new(detector: &Detector, device: Device, threads: usize) -> anyhow::Result<Self> {
-        crate::runtime::torch::set_num_threads(threads);
-        let device = match device {
-            Device::Cpu => tch::Device::Cpu,
-            Device::Cuda => tch::Device::Cuda(0),
-        };
-        Ok(LibtorchDetector { inner: std::sync::Mutex::new(crate::runtime::torch::TorchDetector::new(detector, device)?) })
-    }
-
-    fn detect(&self, batch: &ImageBatch) -> anyhow::Result<Vec<Detections>> {
-        let per_image = 3 * batch.height * batch.width;
-        let images: Vec<tch::Tensor> = batch
-            .data
-            .chunks(per_image)
-            .map(|chw| tch::Tensor::from_slice(chw).view([3, batch.height as i64, batch.width as i64]))
-            .collect();
-        let torch = self.inner.lock().map_err(|_| anyhow::anyhow!("libtorch runner lock poisoned"))?;
-        Ok(torch.detect(&images)?)
-    }
+/// The PyTorch model of `info` on the stage's checkpoint, in a started `mkonnx-torch`.
+fn start_runner(ctx: &StageContext<'_>, info: &ModelInfo, device: Device, threads: usize) -> anyhow::Result<PytorchRunner> {
+    let setup = RunnerSetup {
+        checkpoint: ctx.input_file("checkpoint")?.to_path_buf(),
+        arch: info.arch,
+        params: info.params.clone(),
+        device,
+        threads,
+    };
+    Ok(PytorchRunner::start(&setup)?)
 }

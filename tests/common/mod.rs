@@ -61,9 +61,17 @@ fn copy_dir(src: &Path, dest: &Path, keep: &dyn Fn(&Path) -> bool) {
     }
 }
 
+/// The `mkonnx` binary of this build: cargo puts test executables in `target/<profile>/deps/`
+/// and the binaries one folder up (`env!("CARGO_BIN_EXE_mkonnx")` would exist only in the
+/// mkonnx package's tests, and this module serves the runner crate's too).
+pub fn mkonnx_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").join("mkonnx")
+}
+
 /// Runs the mkonnx binary with a private store; one thread for the runtimes.
 pub fn mkonnx(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mkonnx"))
+    Command::new(mkonnx_binary())
         .args(args)
         .env("MKONNX_STORE", store)
         .env("OMP_NUM_THREADS", "1")
@@ -76,7 +84,9 @@ pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// The Python of the project environment (for reference checks such as onnx.checker).
+/// The Python of the project environment (for reference checks such as onnx.checker), in the
+/// workspace root above whichever package's tests run.
 pub fn python() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+    let package = Path::new(env!("CARGO_MANIFEST_DIR"));
+    package.ancestors().map(|d| d.join(".venv/bin/python")).find(|p| p.exists()).unwrap_or_else(|| package.join(".venv/bin/python"))
 }

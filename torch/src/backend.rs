@@ -2,10 +2,10 @@
 //! make (`F.conv2d`, `torch.batch_norm`, `F.linear`, ...), on weights converted once.
 
 use super::{RuntimeError, TorchContext};
-use crate::model::arch::{Architecture, BATCH_NORM_EPS};
-use crate::model::network::Backend;
-use crate::model::weights::{WeightError, Weights};
-use crate::runtime::torch::ops::python_float;
+use crate::ops::python_float;
+use mkonnx::model::arch::{Architecture, BATCH_NORM_EPS};
+use mkonnx::model::network::Backend;
+use mkonnx::model::weights::{WeightError, Weights};
 use std::collections::HashMap;
 use tch::{Device, Tensor};
 
@@ -104,7 +104,7 @@ impl Clone for Shared {
     }
 }
 
-/// Runs [`crate::model::network`] layers with tch. Errors of the infallible trait methods
+/// Runs [`mkonnx::model::network`] layers with tch. Errors of the infallible trait methods
 /// (a residual sum of mis-shaped branches, say) are kept here; the first one is reported by
 /// [`TchBackend::take_error`] after the network returns.
 pub struct TchBackend<'a> {

@@ -11,13 +11,14 @@
 //!   1e-4 and boxes within 1e-3 px. Everything runs with one libtorch thread, as the golden
 //!   outputs were made.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::fixtures_dir;
 
 use mkonnx::data::checkpoint::load_state_dict;
 use mkonnx::model::{Architecture, Detector, WeightTensor, Weights};
-use mkonnx::runtime::torch::ops::{self, RoiAlignParams};
-use mkonnx::runtime::torch::{image_from_rgb8, parse_device, set_num_threads, Detections, RuntimeError, TorchDetector, Trace};
+use mkonnx_torch::ops::{self, RoiAlignParams};
+use mkonnx_torch::{image_from_rgb8, parse_device, set_num_threads, Detections, RuntimeError, TorchDetector, Trace};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -176,16 +177,15 @@ fn load_detector(run: &Value) -> Detector {
 
 /// An eval image as `to_tensor(PIL.Image.open(p).convert("RGB"))`, and its pixel sum.
 fn load_image(path: &Path) -> (tch::Tensor, u64) {
-    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
-    let sum = img.as_raw().iter().map(|&b| u64::from(b)).sum();
-    (image_from_rgb8(img.width() as usize, img.height() as usize, img.as_raw()).unwrap(), sum)
+    let img = mkonnx::runtime::RgbImage::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let sum = img.chw.iter().map(|&v| (v * 255.0).round() as u64).sum();
+    (tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64]), sum)
 }
 
 /// The image at `rel` (a JSON string, relative to the dataset) with exactly the pixels
-/// eager saw (`rgb_sum` of the golden file). PNGs are decoded here and must match; JPEG
-/// decoders differ (the image crate's is not libjpeg-turbo), so a JPEG that decodes
-/// differently is read through PIL instead, and listed in `pil_decoded`: the runner is
-/// compared on eager's own input.
+/// eager saw (`rgb_sum` of the golden file). mkonnx's decoder gives PIL's pixels; should a
+/// JPEG still decode differently, it is read through PIL instead and listed in `pil_decoded`:
+/// the runner is compared on eager's own input.
 fn load_as_pil(dataset: &Path, rel: &Value, rgb_sum: Option<&Value>, pil_decoded: &mut Vec<String>) -> tch::Tensor {
     let rel = rel.as_str().unwrap();
     let path = dataset.join(rel);
@@ -204,7 +204,7 @@ fn load_as_pil(dataset: &Path, rel: &Value, rgb_sum: Option<&Value>, pil_decoded
 
 /// `PIL.Image.open(path).convert("RGB")` through the project's Python: (width, height, bytes).
 fn pil_rgb(path: &Path) -> (usize, usize, Vec<u8>) {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let python = common::python();
     let script = "import sys; from PIL import Image; im = Image.open(sys.argv[1]).convert('RGB'); \
                   sys.stdout.buffer.write(b'%d %d\\n' % im.size + im.tobytes())";
     let out =

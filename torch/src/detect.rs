@@ -8,9 +8,9 @@
 use super::backend::{Shared, TchBackend};
 use super::ops::{batched_nms, python_float, roi_align, RoiAlignParams};
 use super::{Detections, RoiLevels, RuntimeError, TorchContext, TorchDetector, Trace};
-use crate::model::arch::*;
-use crate::model::network;
-use crate::model::weights::WeightError;
+use mkonnx::model::arch::*;
+use mkonnx::model::network;
+use mkonnx::model::weights::WeightError;
 use tch::{Device, Kind, Tensor};
 
 /// Resized (unpadded) [height, width] of each image, as `ImageList.image_sizes`.

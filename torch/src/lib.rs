@@ -1,7 +1,7 @@
 //! torchvision's FasterRCNN run natively on libtorch (through tch): the PyTorch side of
 //! mkonnx's evaluations and parity checks when no eager evaluation is at hand.
 //!
-//! The network layers come from [`crate::model::network`] (the same description the ONNX
+//! The network layers come from [`mkonnx::model::network`] (the same description the ONNX
 //! exporter emits), executed by [`TchBackend`]. Around them, [`TorchDetector::detect`]
 //! spells out torchvision's eager inference (`GeneralizedRCNN.forward` in eval mode) op for
 //! op: `GeneralizedRCNNTransform`, `AnchorGenerator`, `RegionProposalNetwork`,
@@ -30,10 +30,10 @@ pub mod ops;
 pub use backend::TchBackend;
 pub use tch::Device;
 
-use crate::model::anchors::cell_anchors;
-use crate::model::weights::WeightError;
-use crate::model::{Architecture, Detector, DetectorParams};
 use backend::WeightStore;
+use mkonnx::model::anchors::cell_anchors;
+use mkonnx::model::weights::WeightError;
+use mkonnx::model::{Architecture, Detector, DetectorParams};
 use serde::{Deserialize, Serialize};
 use std::cell::OnceCell;
 
@@ -89,7 +89,7 @@ impl<T> TorchContext<T> for Result<T, tch::TchError> {
     }
 }
 
-pub use super::Detections;
+pub use mkonnx::runtime::Detections;
 
 /// Intermediate values of one image's inference, for debugging against eager.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,104 @@
+//! `mkonnx-torch`: mkonnx's PyTorch runner. `mkonnx` starts it for the stages that run the
+//! PyTorch model (parity check, PyTorch evaluation); the protocol is described in
+//! `mkonnx::runtime::pytorch`.
+//!
+//! ```text
+//! mkonnx-torch serve                 load a model, then answer batches (stdin/stdout)
+//! mkonnx-torch check-device DEVICE   exit 0 if libtorch can run on DEVICE (cpu, cuda, cuda:N)
+//! ```
+
+use anyhow::Context;
+use mkonnx::model::Detector;
+use mkonnx::runtime::pytorch::{read_batch_data, read_message, write_message, BatchHeader, Device, Reply, RunnerSetup};
+use mkonnx::runtime::Detections;
+use mkonnx_torch::{parse_device, set_num_threads, TorchDetector};
+use std::io::{BufReader, BufWriter, Write};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: mkonnx-torch serve | mkonnx-torch check-device DEVICE\n\
+    mkonnx's PyTorch runner; `mkonnx build` starts it when it runs the PyTorch model.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["serve"] => serve(),
+        ["check-device", device] => parse_device(device).map(drop).map_err(anyhow::Error::from),
+        ["--version" | "-V"] => {
+            println!("mkonnx-torch {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        ["--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the model named by the first message, then answers one batch per header until stdin
+/// closes. A failure of one batch is answered as an error and the next batch is served.
+fn serve() -> anyhow::Result<()> {
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut output = BufWriter::new(std::io::stdout().lock());
+    let Some(setup) = read_message::<RunnerSetup>(&mut input).context("reading the setup message")? else {
+        return Ok(());
+    };
+    let detector = match load(&setup) {
+        Ok(d) => d,
+        Err(e) => {
+            write_message(&mut output, &Reply::Error(format!("{e:#}")))?;
+            output.flush()?;
+            return Ok(());
+        }
+    };
+    write_message(&mut output, &Reply::Ready)?;
+    output.flush()?;
+    while let Some(header) = read_message::<BatchHeader>(&mut input).context("reading a batch header")? {
+        let data = read_batch_data(&mut input, &header).context("reading a batch")?;
+        let reply = match detect(&detector, &header, &data) {
+            Ok(detections) => Reply::Detections(detections),
+            Err(e) => Reply::Error(format!("{e:#}")),
+        };
+        write_message(&mut output, &reply)?;
+        output.flush()?;
+    }
+    Ok(())
+}
+
+/// Reads the checkpoint with mkonnx's reader and puts its weights on the device.
+fn load(setup: &RunnerSetup) -> anyhow::Result<TorchDetector> {
+    set_num_threads(setup.threads);
+    let device = parse_device(match setup.device {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+    })?;
+    let (weights, _, _) = mkonnx::stages::convert::load_weights(&setup.checkpoint)?;
+    let detector = Detector { arch: setup.arch, params: setup.params.clone(), weights };
+    Ok(TorchDetector::new(&detector, device)?)
+}
+
+fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyhow::Result<Vec<Detections>> {
+    if header.len == 0 {
+        return Ok(Vec::new());
+    }
+    if header.height == 0 || header.width == 0 {
+        anyhow::bail!("a {}x{} image is empty", header.width, header.height);
+    }
+    let (h, w) = (header.height as i64, header.width as i64);
+    let images = data
+        .chunks(3 * header.height * header.width)
+        .map(|chw| tch::Tensor::from_slice(chw).f_view([3, h, w]))
+        .collect::<Result<Vec<_>, _>>()
+        .context("batch data")?;
+    Ok(detector.detect(&images)?)
+}
