@@ -576,6 +576,7 @@ impl Engine {
             out_dir: out_dir.clone(),
             temp_dir,
             outputs: BTreeSet::new(),
+            written: BTreeMap::new(),
         };
         let start = Instant::now();
         match catch_unwind(AssertUnwindSafe(|| node.stage.run(&mut ctx))) {
@@ -591,7 +592,7 @@ impl Engine {
                 return Err(EngineError::InputChangedDuringBuild { input: f.name.clone(), path: f.path.clone() }.into());
             }
         }
-        let names = ctx.outputs;
+        let (names, written) = (ctx.outputs, ctx.written);
         for name in &names {
             let path = out_dir.join(name);
             if !path.is_file() {
@@ -601,7 +602,7 @@ impl Engine {
         let mut artifacts = BTreeMap::new();
         let mut sizes = BTreeMap::new();
         for name in &names {
-            let (hash, size) = self.store.commit_blob(&out_dir.join(name))?;
+            let (hash, size) = self.store.commit_blob(&out_dir.join(name), written.get(name).copied())?;
             artifacts.insert(name.clone(), hash);
             sizes.insert(hash, size);
         }

@@ -75,9 +75,13 @@ impl<'de> serde::Deserialize<'de> for Hash {
     }
 }
 
-/// blake3 of a byte slice.
+/// blake3 of a byte slice (on rayon's pool when it is large).
 pub fn hash_bytes(bytes: &[u8]) -> Hash {
-    blake3::hash(bytes).into()
+    if bytes.len() >= 1 << 17 {
+        blake3::Hasher::new().update_rayon(bytes).finalize().into()
+    } else {
+        blake3::hash(bytes).into()
+    }
 }
 
 /// blake3 of a file's bytes, read in large chunks that are hashed on rayon's global pool

@@ -59,6 +59,9 @@ pub struct StageContext<'a> {
     pub(crate) out_dir: PathBuf,
     pub(crate) temp_dir: PathBuf,
     pub(crate) outputs: BTreeSet<String>,
+    /// Content hash and size of outputs written whole by [`StageContext::write_output`]:
+    /// hashed from memory, so committing them need not read them back.
+    pub(crate) written: BTreeMap<String, (Hash, u64)>,
 }
 
 impl StageContext<'_> {
@@ -155,13 +158,18 @@ impl StageContext<'_> {
             fs::create_dir_all(parent).map_err(|e| EngineError::io("create directory", parent, e))?;
         }
         self.outputs.insert(name.to_string());
+        // The caller may write anything there: forget a hash taken from earlier bytes.
+        self.written.remove(name);
         Ok(path)
     }
 
     /// Writes output artifact `name` with the given bytes.
     pub fn write_output(&mut self, name: &str, bytes: impl AsRef<[u8]>) -> Result<(), EngineError> {
+        let bytes = bytes.as_ref();
         let path = self.output_path(name)?;
-        fs::write(&path, bytes).map_err(|e| EngineError::io("write", path, e))
+        fs::write(&path, bytes).map_err(|e| EngineError::io("write", &path, e))?;
+        self.written.insert(name.to_string(), (super::hash::hash_bytes(bytes), bytes.len() as u64));
+        Ok(())
     }
 
     /// A private, empty directory for intermediate files; removed after the stage ends.

@@ -127,6 +127,9 @@ pub struct Store {
     /// Held for the store's lifetime; tells other processes the session dir is in use.
     _session_lock: File,
     scratch_counter: AtomicU64,
+    /// Blobs this process moved into the store (after hashing what it wrote), with their stat
+    /// then: restoring one whose stat is unchanged needs no verification read.
+    committed: Mutex<std::collections::HashMap<Hash, FileStat>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -171,6 +174,7 @@ impl Store {
             session_lock_path,
             _session_lock: session_lock,
             scratch_counter: AtomicU64::new(0),
+            committed: Mutex::new(std::collections::HashMap::new()),
         };
         store.remove_dead_sessions();
         Ok(store)
@@ -215,15 +219,20 @@ impl Store {
     }
 
     /// Moves a finished file into the blob store; returns its hash and size. The file is
-    /// fsynced first, so a blob under its final name is always complete. Nothing is
-    /// recorded in the database here: see [`Store::commit_result`].
-    pub(crate) fn commit_blob(&self, temp: &Path) -> Result<(Hash, u64), EngineError> {
+    /// fsynced first, so a blob under its final name is always complete. `known` is the
+    /// (hash, size) of the bytes the stage wrote, when it wrote them whole from memory; the
+    /// file is then not read back (it is if its size disagrees). Nothing is recorded in the
+    /// database here: see [`Store::commit_result`].
+    pub(crate) fn commit_blob(&self, temp: &Path, known: Option<(Hash, u64)>) -> Result<(Hash, u64), EngineError> {
         let file = File::open(temp).map_err(|e| EngineError::io("open", temp, e))?;
         file.sync_all().map_err(|e| EngineError::io("fsync", temp, e))?;
         let meta = file.metadata().map_err(|e| EngineError::io("stat", temp, e))?;
         drop(file);
         let size = meta.len();
-        let hash = hash_file(temp).map_err(|e| EngineError::io("read", temp, e))?;
+        let hash = match known {
+            Some((hash, known_size)) if known_size == size => hash,
+            _ => hash_file(temp).map_err(|e| EngineError::io("read", temp, e))?,
+        };
         let dest = self.blob_path(&hash);
         if fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
             // Already stored (same content built before, or by another node).
@@ -239,6 +248,9 @@ impl Store {
         fs::set_permissions(temp, perms).map_err(|e| EngineError::io("set permissions of", temp, e))?;
         fs::rename(temp, &dest).map_err(|e| EngineError::io("move into the store", &dest, e))?;
         sync_dir(parent);
+        if let Ok(stat) = FileStat::of(&dest) {
+            self.committed.lock().unwrap_or_else(PoisonError::into_inner).insert(hash, stat);
+        }
         Ok((hash, size))
     }
 
@@ -442,8 +454,9 @@ impl Store {
     }
 
     /// Copies blob `hash` to `dest` atomically (temp file in dest's directory, fsync,
-    /// rename), verifying the bytes against the hash on the way. A missing or corrupt
-    /// blob gives [`EngineError::CorruptBlob`] and leaves `dest` untouched.
+    /// rename), verifying the bytes against the hash on the way (unless this process stored
+    /// the blob itself). A missing or corrupt blob gives [`EngineError::CorruptBlob`] and
+    /// leaves `dest` untouched.
     pub(crate) fn restore_blob(&self, hash: &Hash, dest: &Path) -> Result<(), EngineError> {
         let blob = self.blob_path(hash);
         let parent =
@@ -457,18 +470,25 @@ impl Store {
         let corrupt = || EngineError::CorruptBlob { path: blob.clone() };
         let mut src = File::open(&blob).map_err(|_| corrupt())?;
         let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| EngineError::io("create", &tmp, e))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = src.read(&mut buf).map_err(|_| corrupt())?;
-            if n == 0 {
-                break;
+        let unchanged_since_commit = self.committed.lock().unwrap_or_else(PoisonError::into_inner).get(hash).copied()
+            == Some(FileStat::from_metadata(&src.metadata().map_err(|_| corrupt())?));
+        if unchanged_since_commit {
+            // Hashed from the bytes this process wrote, untouched since: an in-kernel copy.
+            std::io::copy(&mut src, &mut out).map_err(|e| EngineError::io("copy to", &tmp, e))?;
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = src.read(&mut buf).map_err(|_| corrupt())?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| EngineError::io("write", &tmp, e))?;
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| EngineError::io("write", &tmp, e))?;
-        }
-        if Hash::from(hasher.finalize()) != *hash {
-            return Err(corrupt());
+            if Hash::from(hasher.finalize()) != *hash {
+                return Err(corrupt());
+            }
         }
         out.sync_all().map_err(|e| EngineError::io("fsync", &tmp, e))?;
         drop(out);
@@ -649,7 +669,7 @@ mod tests {
         let scratch = s.scratch_dir().unwrap();
         let tmp = scratch.join("a");
         fs::write(&tmp, b"artifact bytes").unwrap();
-        let (h, size) = s.commit_blob(&tmp).unwrap();
+        let (h, size) = s.commit_blob(&tmp, None).unwrap();
         assert_eq!(h, hash_bytes(b"artifact bytes"));
         assert_eq!(size, 14);
         assert!(!tmp.exists());
@@ -673,6 +693,24 @@ mod tests {
         assert_eq!(fs::read(&dest).unwrap(), b"user edit", "a failed restore must not touch dest");
         let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn a_known_hash_is_trusted_only_when_the_size_agrees() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("store")).unwrap();
+        let scratch = s.scratch_dir().unwrap();
+        let (a, b) = (scratch.join("a"), scratch.join("b"));
+        fs::write(&a, b"written whole").unwrap();
+        assert_eq!(s.commit_blob(&a, Some((hash_bytes(b"written whole"), 13))).unwrap(), (hash_bytes(b"written whole"), 13));
+        // The file grew after the stage hashed its bytes: read back, not trusted.
+        fs::write(&b, b"written whole, then more").unwrap();
+        let (h, _) = s.commit_blob(&b, Some((hash_bytes(b"written whole"), 13))).unwrap();
+        assert_eq!(h, hash_bytes(b"written whole, then more"));
+        // Restoring a blob this process stored (untouched since) copies it without re-reading.
+        let dest = dir.path().join("out/b");
+        s.restore_blob(&h, &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"written whole, then more");
     }
 
     #[test]

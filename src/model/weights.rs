@@ -1,6 +1,7 @@
 //! The model's weights: float32 tensors addressed by their state_dict path.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Errors about the weights a model description asks for.
 #[derive(Debug, thiserror::Error)]
@@ -31,19 +32,28 @@ pub struct WeightTensor {
 
 /// All tensors of a state_dict, converted to float32, by name (wrapper keys and
 /// `module.`/`model.` prefixes already removed by the checkpoint reader).
+///
+/// Immutable once built and cheap to clone (shared): the stages of a run share one parsed
+/// checkpoint, and a ResNet-50's weights are 170 MB.
 #[derive(Clone, Debug, Default)]
 pub struct Weights {
-    tensors: HashMap<String, WeightTensor>,
+    tensors: Arc<HashMap<String, Arc<WeightTensor>>>,
 }
 
 impl Weights {
     /// Builds from (name, tensor) pairs.
     pub fn new(tensors: impl IntoIterator<Item = (String, WeightTensor)>) -> Self {
-        Weights { tensors: tensors.into_iter().collect() }
+        Weights { tensors: Arc::new(tensors.into_iter().map(|(name, t)| (name, Arc::new(t))).collect()) }
     }
 
     /// The tensor at `name`, or a [`WeightError::Missing`].
     pub fn get(&self, name: &str) -> Result<&WeightTensor, WeightError> {
+        self.shared(name).map(|t| &**t)
+    }
+
+    /// The tensor at `name` as a shared handle (the ONNX writer hands the values to the
+    /// protobuf without copying them).
+    pub fn shared(&self, name: &str) -> Result<&Arc<WeightTensor>, WeightError> {
         self.tensors.get(name).ok_or_else(|| WeightError::Missing(name.to_string()))
     }
 
@@ -72,9 +82,15 @@ impl Weights {
     /// Converts a checkpoint's state dict: floating tensors to float32; integer buffers
     /// (`num_batches_tracked`) are kept as float32 too, they are only looked at for presence.
     pub fn from_state_dict(sd: crate::data::checkpoint::StateDict) -> Self {
-        Weights::new(sd.into_tensors().into_iter().map(|(name, t)| {
-            let data = t.to_f32();
-            (name, WeightTensor { shape: t.shape().to_vec(), data })
-        }))
+        use rayon::prelude::*;
+        let tensors: Vec<(String, WeightTensor)> = sd
+            .into_tensors()
+            .into_par_iter()
+            .map(|(name, t)| {
+                let data = t.to_f32();
+                (name, WeightTensor { shape: t.shape().to_vec(), data })
+            })
+            .collect();
+        Weights::new(tensors)
     }
 }

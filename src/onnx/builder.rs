@@ -6,6 +6,9 @@
 //! state_dict path, and produces a [`ModelProto`].
 
 use super::proto::*;
+use crate::model::WeightTensor;
+use bytes::Bytes;
+use std::sync::Arc;
 
 /// The opset mkonnx targets. 17 is the oldest opset that has everything the detector needs
 /// with torchvision's semantics (RoiAlign's `coordinate_transformation_mode`, from opset 16,
@@ -87,29 +90,35 @@ impl GraphBuilder {
         self.outputs.push(value_info(name, elem, dims));
     }
 
-    /// Adds a float32 initializer under `name` (a state_dict path for weights).
-    pub fn initializer_f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> Value {
-        self.push_initializer(name.to_string(), DataType::Float, dims, le_bytes(data))
+    /// Adds a float32 initializer under `name` (a state_dict path for weights); on
+    /// little-endian machines the model shares the tensor's memory instead of copying it.
+    pub fn initializer_f32(&mut self, name: &str, tensor: &Arc<WeightTensor>) -> Value {
+        let raw = if cfg!(target_endian = "little") {
+            Bytes::from_owner(LittleEndianF32(tensor.clone()))
+        } else {
+            Bytes::from(tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        };
+        self.push_initializer(name.to_string(), DataType::Float, &tensor.shape, raw)
     }
 
     /// A float32 constant.
     pub fn const_f32(&mut self, dims: &[usize], data: &[f32]) -> Value {
         let name = self.fresh("const");
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.push_initializer(name, DataType::Float, dims, raw)
     }
 
     /// A float64 constant.
     pub fn const_f64(&mut self, dims: &[usize], data: &[f64]) -> Value {
         let name = self.fresh("const");
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.push_initializer(name, DataType::Double, dims, raw)
     }
 
     /// An int64 constant.
     pub fn const_i64(&mut self, dims: &[usize], data: &[i64]) -> Value {
         let name = self.fresh("const");
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.push_initializer(name, DataType::Int64, dims, raw)
     }
 
@@ -133,12 +142,12 @@ impl GraphBuilder {
         self.const_i64(&[], &[v])
     }
 
-    fn push_initializer(&mut self, name: String, elem: DataType, dims: &[usize], raw: Vec<u8>) -> Value {
+    fn push_initializer(&mut self, name: String, elem: DataType, dims: &[usize], raw: impl Into<Bytes>) -> Value {
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: elem as i32,
             name: name.clone(),
-            raw_data: raw,
+            raw_data: raw.into(),
         });
         Value(name)
     }
@@ -197,13 +206,13 @@ impl GraphBuilder {
     }
 }
 
-/// The little-endian bytes of float32 values (ONNX's `raw_data` layout): a plain copy on
-/// little-endian machines, where weights are tens of millions of floats.
-fn le_bytes(data: &[f32]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(data).to_vec()
-    } else {
-        data.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// A weight tensor's values viewed as bytes: ONNX's little-endian `raw_data` layout on a
+/// little-endian machine (only used there), kept alive by the model that refers to it.
+struct LittleEndianF32(Arc<WeightTensor>);
+
+impl AsRef<[u8]> for LittleEndianF32 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0.data)
     }
 }
 

@@ -35,12 +35,12 @@ impl<'a> OnnxBackend<'a> {
     }
 
     fn weight(&mut self, name: &str, rank: usize) -> Result<(Value, Vec<usize>), WeightError> {
-        let t = self.weights.get(name)?;
+        let t = self.weights.shared(name)?;
         if t.shape.len() != rank {
             return Err(WeightError::Shape { name: name.into(), found: t.shape.clone(), expected: format!("{rank} dimensions") });
         }
         if self.added.insert(name.to_string()) {
-            self.g.initializer_f32(name, &t.shape, &t.data);
+            self.g.initializer_f32(name, t);
         }
         Ok((Value(name.to_string()), t.shape.clone()))
     }

@@ -48,8 +48,7 @@ pub fn load_weights(checkpoint: &Path) -> anyhow::Result<(Weights, Option<String
 type LoadedWeights = (Weights, Option<String>, Option<String>);
 
 /// The checkpoints read most recently in this process, by content hash: the stages of one
-/// run (resolve, export, parity, evaluation) read the same checkpoint, and parsing it again
-/// costs more than copying the tensors.
+/// run (resolve, export) read the same checkpoint, and [`Weights`] are shared, not copied.
 static RECENT_CHECKPOINTS: std::sync::Mutex<Vec<(crate::engine::Hash, std::sync::Arc<LoadedWeights>)>> = std::sync::Mutex::new(Vec::new());
 
 /// How many parsed checkpoints [`RECENT_CHECKPOINTS`] keeps (a ResNet-50 is ~170 MB).
@@ -72,7 +71,7 @@ pub fn checkpoint_weights(ctx: &StageContext<'_>) -> anyhow::Result<std::sync::A
 
 /// Loads the detector described by `info` with the stage's checkpoint.
 pub fn load_detector(ctx: &StageContext<'_>, info: &ModelInfo) -> anyhow::Result<Detector> {
-    let weights = checkpoint_weights(ctx)?.0.clone();
+    let weights = checkpoint_weights(ctx)?.0.clone(); // shared, not copied
     Ok(Detector { arch: info.arch, params: info.params.clone(), weights })
 }
 
