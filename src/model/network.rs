@@ -33,14 +33,17 @@ pub trait Backend {
     fn batch_norm(&mut self, x: &Self::Tensor, path: &str) -> Result<Self::Tensor, WeightError>;
     /// `nn.Linear` at `path`.
     fn linear(&mut self, x: &Self::Tensor, path: &str) -> Result<Self::Tensor, WeightError>;
-    /// `nn.ReLU`.
-    fn relu(&mut self, x: &Self::Tensor) -> Self::Tensor;
-    /// `nn.Hardswish`.
-    fn hardswish(&mut self, x: &Self::Tensor) -> Self::Tensor;
+    /// `nn.ReLU`. Takes `x` by value: a backend may overwrite it in place, as torchvision's
+    /// `ReLU(inplace=True)` does, so the description passes only a tensor nothing else reads
+    /// afterwards (a fresh layer output, never a clone of one kept elsewhere).
+    fn relu(&mut self, x: Self::Tensor) -> Self::Tensor;
+    /// `nn.Hardswish`; in place like [`Backend::relu`].
+    fn hardswish(&mut self, x: Self::Tensor) -> Self::Tensor;
     /// `nn.Hardsigmoid`.
     fn hardsigmoid(&mut self, x: &Self::Tensor) -> Self::Tensor;
-    /// Elementwise sum.
-    fn add(&mut self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
+    /// Elementwise sum `a + b`; `a` is taken by value and may be overwritten in place (a
+    /// residual's `out += identity`), under the rule of [`Backend::relu`].
+    fn add(&mut self, a: Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
     /// Elementwise (broadcasting) product.
     fn mul(&mut self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
     /// `F.max_pool2d` with a square kernel.
@@ -64,8 +67,8 @@ enum Activation {
 fn activate<B: Backend>(b: &mut B, x: B::Tensor, act: Activation) -> B::Tensor {
     match act {
         Activation::None => x,
-        Activation::Relu => b.relu(&x),
-        Activation::Hardswish => b.hardswish(&x),
+        Activation::Relu => b.relu(x),
+        Activation::Hardswish => b.hardswish(x),
     }
 }
 
@@ -108,7 +111,7 @@ pub fn backbone<B: Backend>(b: &mut B, arch: Architecture, images: &B::Tensor) -
 fn resnet50_body<B: Backend>(b: &mut B, p: &str, x: &B::Tensor) -> Result<Vec<B::Tensor>, WeightError> {
     let x = b.conv2d(x, &format!("{p}.conv1"), false, 2, 3, 1)?;
     let x = b.batch_norm(&x, &format!("{p}.bn1"))?;
-    let x = b.relu(&x);
+    let x = b.relu(x);
     let mut x = b.max_pool2d(&x, 3, 2, 1);
     let mut outs = Vec::with_capacity(4);
     for (layer, blocks) in [3usize, 4, 6, 3].into_iter().enumerate() {
@@ -124,10 +127,10 @@ fn resnet50_body<B: Backend>(b: &mut B, p: &str, x: &B::Tensor) -> Result<Vec<B:
 fn bottleneck<B: Backend>(b: &mut B, p: &str, x: &B::Tensor, stride: i64, downsample: bool) -> Result<B::Tensor, WeightError> {
     let y = b.conv2d(x, &format!("{p}.conv1"), false, 1, 0, 1)?;
     let y = b.batch_norm(&y, &format!("{p}.bn1"))?;
-    let y = b.relu(&y);
+    let y = b.relu(y);
     let y = b.conv2d(&y, &format!("{p}.conv2"), false, stride, 1, 1)?;
     let y = b.batch_norm(&y, &format!("{p}.bn2"))?;
-    let y = b.relu(&y);
+    let y = b.relu(y);
     let y = b.conv2d(&y, &format!("{p}.conv3"), false, 1, 0, 1)?;
     let y = b.batch_norm(&y, &format!("{p}.bn3"))?;
     let identity = if downsample {
@@ -136,8 +139,8 @@ fn bottleneck<B: Backend>(b: &mut B, p: &str, x: &B::Tensor, stride: i64, downsa
     } else {
         x.clone()
     };
-    let y = b.add(&y, &identity);
-    Ok(b.relu(&y))
+    let y = b.add(y, &identity);
+    Ok(b.relu(y))
 }
 
 /// One row of torchvision's MobileNetV3-Large `inverted_residual_setting`.
@@ -210,14 +213,14 @@ fn inverted_residual<B: Backend>(b: &mut B, p: &str, x: &B::Tensor, cnf: &Bneck)
     if cnf.se {
         let s = b.global_avg_pool(&y);
         let s = b.conv2d(&s, &format!("{p}.{index}.fc1"), true, 1, 0, 1)?;
-        let s = b.relu(&s);
+        let s = b.relu(s);
         let s = b.conv2d(&s, &format!("{p}.{index}.fc2"), true, 1, 0, 1)?;
         let s = b.hardsigmoid(&s);
         y = b.mul(&s, &y);
         index += 1;
     }
     y = conv_norm_act(b, &y, &format!("{p}.{index}"), 1, 1, 1, Activation::None)?;
-    Ok(if cnf.stride == 1 && cnf.input == cnf.out { b.add(&y, x) } else { y })
+    Ok(if cnf.stride == 1 && cnf.input == cnf.out { b.add(y, x) } else { y })
 }
 
 /// `FeaturePyramidNetwork.forward` (without the extra block). With `norm` (v2), the inner and
@@ -237,7 +240,7 @@ fn fpn<B: Backend>(b: &mut B, p: &str, body: &[B::Tensor], norm: bool) -> Result
     for idx in (0..n - 1).rev() {
         let lateral = block(b, &body[idx], format!("{p}.inner_blocks.{idx}"), 1)?;
         let top_down = b.upsample_nearest_like(&last_inner, &lateral);
-        last_inner = b.add(&lateral, &top_down);
+        last_inner = b.add(lateral, &top_down);
         results.insert(0, block(b, &last_inner, format!("{p}.layer_blocks.{idx}"), 3)?);
     }
     Ok(results)
@@ -249,7 +252,7 @@ pub fn rpn_head<B: Backend>(b: &mut B, arch: Architecture, feature: &B::Tensor) 
     let mut t = feature.clone();
     for i in 0..depth {
         t = b.conv2d(&t, &format!("rpn.head.conv.{i}.0"), true, 1, 1, 1)?;
-        t = b.relu(&t);
+        t = b.relu(t);
     }
     let logits = b.conv2d(&t, "rpn.head.cls_logits", true, 1, 0, 1)?;
     let deltas = b.conv2d(&t, "rpn.head.bbox_pred", true, 1, 0, 1)?;
@@ -266,14 +269,14 @@ pub fn box_head<B: Backend>(b: &mut B, arch: Architecture, pooled: &B::Tensor) -
         }
         let x = b.flatten(&x);
         let x = b.linear(&x, "roi_heads.box_head.5")?;
-        Ok(b.relu(&x))
+        Ok(b.relu(x))
     } else {
         // TwoMLPHead.
         let x = b.flatten(pooled);
         let x = b.linear(&x, "roi_heads.box_head.fc6")?;
-        let x = b.relu(&x);
+        let x = b.relu(x);
         let x = b.linear(&x, "roi_heads.box_head.fc7")?;
-        Ok(b.relu(&x))
+        Ok(b.relu(x))
     }
 }
 

@@ -69,17 +69,17 @@ impl Backend for OnnxBackend<'_> {
         Ok(self.g.linear(x, &w, &b))
     }
 
-    fn relu(&mut self, x: &Value) -> Value {
-        self.g.relu(x)
+    fn relu(&mut self, x: Value) -> Value {
+        self.g.relu(&x)
     }
-    fn hardswish(&mut self, x: &Value) -> Value {
-        self.g.hard_swish(x)
+    fn hardswish(&mut self, x: Value) -> Value {
+        self.g.hard_swish(&x)
     }
     fn hardsigmoid(&mut self, x: &Value) -> Value {
         self.g.hard_sigmoid(x)
     }
-    fn add(&mut self, a: &Value, b: &Value) -> Value {
-        self.g.add(a, b)
+    fn add(&mut self, a: Value, b: &Value) -> Value {
+        self.g.add(&a, b)
     }
     fn mul(&mut self, a: &Value, b: &Value) -> Value {
         self.g.mul(a, b)

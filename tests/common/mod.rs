@@ -71,12 +71,7 @@ pub fn mkonnx_binary() -> PathBuf {
 
 /// Runs the mkonnx binary with a private store; one thread for the runtimes.
 pub fn mkonnx(args: &[&str], store: &Path) -> Output {
-    Command::new(mkonnx_binary())
-        .args(args)
-        .env("MKONNX_STORE", store)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run mkonnx")
+    Command::new(mkonnx_binary()).args(args).env("MKONNX_STORE", store).env("OMP_NUM_THREADS", "1").output().expect("run mkonnx")
 }
 
 /// stdout + stderr as text.

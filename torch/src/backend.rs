@@ -183,20 +183,28 @@ impl Backend for TchBackend<'_> {
         x.0.f_linear(w, Some(b)).map(Shared).map_err(|e| self.layer_failed(path, w, e))
     }
 
-    fn relu(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_relu(), "relu")
+    // In place, as torchvision's `inplace=True` activations and `out += identity`: no new
+    // [R, 256, 7, 7] buffer per layer (same kernels, same values).
+    fn relu(&mut self, x: Shared) -> Shared {
+        let mut t = x.0;
+        let r = t.f_relu_().map(|_| t);
+        self.keep(r, "relu")
     }
 
-    fn hardswish(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_hardswish(), "hardswish")
+    fn hardswish(&mut self, x: Shared) -> Shared {
+        let mut t = x.0;
+        let r = t.f_hardswish_().map(|_| t);
+        self.keep(r, "hardswish")
     }
 
     fn hardsigmoid(&mut self, x: &Shared) -> Shared {
         self.keep(x.0.f_hardsigmoid(), "hardsigmoid")
     }
 
-    fn add(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_add(&b.0), "residual sum")
+    fn add(&mut self, a: Shared, b: &Shared) -> Shared {
+        let mut t = a.0;
+        let r = t.f_add_(&b.0).map(|_| t);
+        self.keep(r, "residual sum")
     }
 
     fn mul(&mut self, a: &Shared, b: &Shared) -> Shared {

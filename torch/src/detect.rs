@@ -21,7 +21,9 @@ pub(crate) fn run(det: &TorchDetector, images: &[Tensor]) -> Result<Vec<(Detecti
         return Ok(Vec::new());
     }
     let original: Sizes = images.iter().enumerate().map(|(i, img)| check_image(i, img)).collect::<Result<_, _>>()?;
+    let mut phases = PhaseTimer::from_env();
     let (batch, resized) = transform(det, images)?;
+    phases.lap("transform");
     let padded = {
         let s = batch.size();
         [s[2], s[3]]
@@ -31,10 +33,15 @@ pub(crate) fn run(det: &TorchDetector, images: &[Tensor]) -> Result<Vec<(Detecti
     let features = network::backbone(&mut backend, det.arch, &Shared(batch));
     let features = network_result(det, &mut backend, features)?;
     let maps: Vec<Tensor> = features.maps.into_iter().map(|m| m.0).collect();
+    phases.lap("backbone+fpn");
 
     let proposals = rpn(det, &mut backend, &maps, padded, &resized)?;
+    phases.lap("rpn");
     let pooled = multi_scale_roi_align(det, &features.names, &maps, &proposals, &resized)?;
+    phases.lap("roi_align");
     let detections = roi_heads(det, &mut backend, pooled, &proposals, &resized)?;
+    phases.lap("roi_heads");
+    phases.report();
 
     Ok(detections
         .into_iter()
@@ -45,6 +52,35 @@ pub(crate) fn run(det: &TorchDetector, images: &[Tensor]) -> Result<Vec<(Detecti
             (d, Trace { original_size: original[i], resized_size: resized[i], padded_size: padded, proposals: props })
         })
         .collect())
+}
+
+/// Wall time per inference phase, printed to stderr when `MKONNX_TORCH_PROFILE` is set (to
+/// see where a slow model spends its time, next to eager PyTorch's own profile).
+struct PhaseTimer {
+    last: Option<std::time::Instant>,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseTimer {
+    fn from_env() -> Self {
+        let on = std::env::var_os("MKONNX_TORCH_PROFILE").is_some_and(|v| !v.is_empty() && v != "0");
+        PhaseTimer { last: on.then(std::time::Instant::now), laps: Vec::new() }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        if let Some(last) = self.last.as_mut() {
+            let now = std::time::Instant::now();
+            self.laps.push((phase, now - *last));
+            *last = now;
+        }
+    }
+
+    fn report(&self) {
+        if self.last.is_some() {
+            let laps: Vec<String> = self.laps.iter().map(|(p, d)| format!("{p} {:.1} ms", d.as_secs_f64() * 1e3)).collect();
+            eprintln!("mkonnx-torch profile: {}", laps.join(", "));
+        }
+    }
 }
 
 /// The first error of a network call: the backend's own (libtorch's message) before the
