@@ -6,7 +6,8 @@ FasterRCNN architectures, their eager evaluations and golden outputs.
                                                            # DIR/triangles_dataset_small
 
 The fixtures live in `${MKONNX_FIXTURES_ROOT:-~/.cache/mkonnx/fixtures}/<hash>/`, where
-<hash> covers every reference/**/*.py and *.yaml file and the torch/torchvision versions.
+<hash> covers every reference/**/*.py and *.yaml file (but bench_peers.py) and the
+torch/torchvision versions.
 They are built in a temp dir next to it, then renamed, `COMPLETE` written last; a second
 call finds them and does nothing. Progress goes to stderr; the last (only) stdout line is
 the fixtures directory.
@@ -128,8 +129,13 @@ def progress(msg: str) -> None:
         print(f"[make_fixtures {time.time() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
+# Files under reference/ that no fixture depends on.
+NOT_FIXTURE_INPUTS = {"bench_peers.py"}
+
+
 def source_hash() -> str:
-    """blake2b of every reference/**/*.py and *.yaml (path and content) plus versions."""
+    """blake2b of every reference/**/*.py and *.yaml (path and content) plus versions;
+    bench_peers.py, which only `make bench` runs, is left out."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"mkonnx-fixtures-v{FORMAT_VERSION}\0".encode())
     files = []
@@ -137,7 +143,7 @@ def source_hash() -> str:
         files += glob.glob(os.path.join(HERE, pattern), recursive=True)
     for path in sorted(set(files)):
         rel = os.path.relpath(path, HERE)
-        if "__pycache__" in rel:
+        if "__pycache__" in rel or rel in NOT_FIXTURE_INPUTS:
             continue
         with open(path, "rb") as f:
             data = f.read()
