@@ -284,3 +284,48 @@ fn every_fixture_run_compares_excellent_with_its_own_evaluation() {
         assert_eq!(cmp["dataset"]["consistent"], true, "{name}: {cmp:#}");
     }
 }
+
+/// The PyTorch side runs in the `mkonnx-torch` process: when it is missing or dies, the stages
+/// that need it fail with a message naming the runner, the other stages still build, and a
+/// conversion with `--no-parity-check` never needs it.
+#[test]
+fn a_missing_or_broken_pytorch_runner_is_a_clear_error() {
+    let t = tempfile::tempdir().unwrap();
+    let run_dir = copy_run(RUN, &t.path().join("run"), false);
+    let ds = eval_dataset();
+    let image = ds.join("data").read_dir().unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let run = |binary: &Path, runner: Option<&str>, extra: &[&str]| {
+        let mut c = std::process::Command::new(binary);
+        c.args(["build", run_dir.to_str().unwrap(), "--image-input", image.to_str().unwrap()])
+            .args(extra)
+            .env("MKONNX_STORE", t.path().join("store"))
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("MKONNX_TORCH_RUNNER");
+        if let Some(r) = runner {
+            c.env("MKONNX_TORCH_RUNNER", r);
+        }
+        c.output().unwrap()
+    };
+    let o = run(&mkonnx_binary(), Some("/nonexistent/mkonnx-torch"), &[]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("/nonexistent/mkonnx-torch") && out.contains("cannot start it") && !out.contains("panicked"), "{out}");
+
+    let o = run(&mkonnx_binary(), Some("/bin/false"), &["--force"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("/bin/false") && out.contains("exited without an answer"), "{out}");
+
+    // A copy of mkonnx with no runner beside it: says where it looked and how to fix it.
+    let lonely = t.path().join("bin/mkonnx");
+    std::fs::create_dir_all(lonely.parent().unwrap()).unwrap();
+    std::fs::copy(mkonnx_binary(), &lonely).unwrap();
+    let o = run(&lonely, None, &["--force"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("`mkonnx-torch` was not found next to") && out.contains("MKONNX_TORCH_RUNNER"), "{out}");
+    // Conversion alone does not need the runner.
+    let o = run(&lonely, None, &["--no-parity-check"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(run_dir.join("onnx_model/model.onnx").is_file());
+}
