@@ -76,7 +76,7 @@ fn a_bad_setup_is_the_runners_error_message() {
     setup.arch = mkonnx::model::Architecture::ResNet50Fpn;
     let batch = eval_images(1)[0].to_batch();
     let mut runner = PytorchRunner::start(&setup).unwrap();
-    let err = runner.detect(&batch).err().expect("wrong architecture");
+    let err = runner.detect(&batch).expect_err("wrong architecture");
     assert!(matches!(err, PytorchError::Runner(_)) && err.to_string().contains("is the architecture right?"), "{err}");
     assert!(runner.detect(&batch).is_err(), "still answering");
 }
