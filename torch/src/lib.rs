@@ -196,25 +196,30 @@ fn check_device(device: Device, requested: &str) -> Result<(), RuntimeError> {
 /// Loads libtorch's CUDA backend (`libtorch_cuda.so`) into the process, once.
 ///
 /// The binary links only what it references, so the CUDA backend (and its GB of CUDA
-/// libraries) is not loaded at start-up: CPU runs and no-op rebuilds don't pay for it. Its
-/// static initializers register CUDA with libtorch, so `--device cuda` loads it first; where it
-/// or the driver is missing, `tch::Cuda::is_available()` stays false and the caller reports it.
+/// libraries) is not loaded at start-up: CPU runs don't pay for it. Its static initializers
+/// register CUDA with libtorch, so `--device cuda` loads it first: from the libtorch folder
+/// found at build time, else by name (the rpath, `LD_LIBRARY_PATH`: a libtorch installed
+/// elsewhere on the machine that runs it). Where it or the driver is missing,
+/// `tch::Cuda::is_available()` stays false and the caller reports it.
 fn load_cuda_backend() {
     static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     LOADED.get_or_init(|| {
-        let dir = option_env!("MKONNX_LIBTORCH_LIB").unwrap_or("");
-        let path = std::path::Path::new(dir).join("libtorch_cuda.so");
-        // SAFETY: loading libtorch's own CUDA backend, built for the libtorch this binary links;
-        // the library is never unloaded (leaked), so no symbol outlives it.
-        match unsafe {
-            libloading::os::unix::Library::open(Some(&path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
-        } {
-            Ok(lib) => {
-                std::mem::forget(lib);
-                true
+        let built_with = std::path::Path::new(option_env!("MKONNX_LIBTORCH_LIB").unwrap_or("")).join("libtorch_cuda.so");
+        let candidates = [built_with.as_os_str(), std::ffi::OsStr::new("libtorch_cuda.so")];
+        let loaded = candidates.into_iter().any(|path| {
+            // SAFETY: loading libtorch's own CUDA backend, for the libtorch this process runs;
+            // the library is never unloaded (leaked), so no symbol outlives it.
+            match unsafe {
+                libloading::os::unix::Library::open(Some(path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
+            } {
+                Ok(lib) => {
+                    std::mem::forget(lib);
+                    true
+                }
+                Err(_) => false,
             }
-            Err(_) => false,
-        }
+        });
+        loaded
     });
 }
 

@@ -80,3 +80,37 @@ fn a_bad_setup_is_the_runners_error_message() {
     assert!(matches!(err, PytorchError::Runner(_)) && err.to_string().contains("is the architecture right?"), "{err}");
     assert!(runner.detect(&batch).is_err(), "still answering");
 }
+
+/// The runner process, as `mkonnx build` runs it, against eager torchvision's golden outputs
+/// for every fixture run and eval image: the same detections and labels, bit for bit (one
+/// libtorch thread on the process's main thread, as eager ran).
+#[test]
+fn the_runner_process_equals_eager_on_every_fixture_run() {
+    let index = common::runs_index();
+    for run in index["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let (setup, _) = runner_setup(name);
+        let mut runner = PytorchRunner::start(&setup).unwrap();
+        let golden_dir = common::fixtures_dir().join(run["golden_dir"].as_str().unwrap());
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&golden_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{}: no golden files", golden_dir.display());
+        let mut checked = 0;
+        for file in files {
+            let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            let image = common::eval_dataset().join(golden["image"].as_str().unwrap());
+            let got = runner.detect(&RgbImage::load(&image).unwrap().to_batch()).unwrap().remove(0);
+            let eager: mkonnx::runtime::Detections = serde_json::from_value(serde_json::json!({
+                "boxes": golden["boxes"], "scores": golden["scores"], "labels": golden["labels"]
+            }))
+            .unwrap();
+            assert_eq!(got, eager, "{name} {}", file.display());
+            checked += 1;
+        }
+        eprintln!("{name}: {checked} images equal to eager");
+    }
+}
