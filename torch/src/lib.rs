@@ -205,21 +205,16 @@ fn load_cuda_backend() {
     static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     LOADED.get_or_init(|| {
         let built_with = std::path::Path::new(option_env!("MKONNX_LIBTORCH_LIB").unwrap_or("")).join("libtorch_cuda.so");
-        let candidates = [built_with.as_os_str(), std::ffi::OsStr::new("libtorch_cuda.so")];
-        let loaded = candidates.into_iter().any(|path| {
+        for path in [built_with.as_os_str(), std::ffi::OsStr::new("libtorch_cuda.so")] {
             // SAFETY: loading libtorch's own CUDA backend, for the libtorch this process runs;
             // the library is never unloaded (leaked), so no symbol outlives it.
-            match unsafe {
-                libloading::os::unix::Library::open(Some(path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
-            } {
-                Ok(lib) => {
-                    std::mem::forget(lib);
-                    true
-                }
-                Err(_) => false,
+            let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+            if let Ok(lib) = unsafe { libloading::os::unix::Library::open(Some(path), flags) } {
+                std::mem::forget(lib);
+                return true;
             }
-        });
-        loaded
+        }
+        false
     });
 }
 
