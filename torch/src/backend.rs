@@ -156,7 +156,13 @@ impl Backend for TchBackend<'_> {
     fn conv2d(&mut self, x: &Shared, path: &str, bias: bool, stride: i64, padding: i64, groups: i64) -> Result<Shared, WeightError> {
         let w = self.store.get(&format!("{path}.weight"), 4)?;
         let b = if bias { Some(self.store.get(&format!("{path}.bias"), 1)?) } else { None };
-        x.0.f_conv2d(w, b, [stride, stride], [padding, padding], [1, 1], groups).map(Shared).map_err(|e| self.layer_failed(path, w, e))
+        // `F.conv2d` is `at::_convolution` with the context's flags; on CPU this is the same
+        // call. On CUDA, PyTorch lets cuDNN use TF32 by default, which moves boxes by ~0.1 px
+        // against float32 (measured on an H200): mkonnx's PyTorch reference is full float32, as
+        // on CPU and in ONNX Runtime.
+        x.0.f_internal_convolution(w, b, [stride, stride], [padding, padding], [1, 1], false, [0, 0], groups, false, false, true, false)
+            .map(Shared)
+            .map_err(|e| self.layer_failed(path, w, e))
     }
 
     fn batch_norm(&mut self, x: &Shared, path: &str) -> Result<Shared, WeightError> {
