@@ -49,9 +49,9 @@ test: setup ## every test, against fixtures from real torchvision/pycocotools
 	MKONNX_FIXTURES=$$($(PY) reference/make_fixtures.py | tail -n 1) \
 	  cargo test --release --workspace -- --test-threads=$(RUST_TEST_THREADS)
 
-bench: setup ## benchmarks against their Python peers; results in target/bench/results.md
+bench: setup ## benchmarks against their Python peers (ONLY="convert noop" picks sections); results in target/bench/results.md
 	MKONNX_FIXTURES=$$($(PY) reference/make_fixtures.py | tail -n 1) \
-	  cargo bench --bench bench
+	  cargo bench --bench bench -- $(ONLY)
 
 lint: .cargo/config.toml ## rustfmt check + clippy -D warnings
 	cargo fmt --check

@@ -47,9 +47,10 @@
 //!
 //! File content hashes go through a stat cache (size, mtime, ctime, inode in SQLite). A
 //! record is trusted only if the file's stat is unchanged *and* its mtime was at least
-//! [`RACY_MARGIN_NS`] older than the moment the hash was taken: git's racy-clean rule,
-//! which guards against a file rewritten within the filesystem's timestamp granularity
-//! after it was hashed. So an unchanged checkpoint is never re-read, and a file written
+//! [`RACY_MARGIN_NS`] (2 s; [`FINE_RACY_MARGIN_NS`], 100 ms, for files with sub-second
+//! timestamps) older than the moment the hash was taken: git's racy-clean rule, which
+//! guards against a file rewritten within the filesystem's timestamp granularity after it
+//! was hashed. So an unchanged checkpoint is never re-read, and a file written
 //! just before it was hashed is hashed again the next time.
 //!
 //! ## The store
@@ -65,9 +66,10 @@
 //!
 //! ## Safety
 //!
-//! - Every file the engine writes is written to a temporary name, fsynced, then renamed.
-//!   A blob is recorded in SQLite only after it is on disk; a result only after all its
-//!   blobs are. A process killed at any point leaves at most unreferenced files, which
+//! - Every file the engine writes is written to a temporary name, then renamed; blobs are
+//!   fsynced first. A blob is recorded in SQLite only after it is on disk; a result only
+//!   after all its blobs are. Copies materialized into run directories are not fsynced:
+//!   the store has the durable copy, and the next build restores one a crash lost. A process killed at any point leaves at most unreferenced files, which
 //!   the next process (scratch sessions whose lock is free) or [`Engine::gc`] removes.
 //! - Concurrent processes: the key lock (`std::fs::File::lock`, released by the OS when a
 //!   process dies) is taken on a store miss, and the store is checked again under it, so
@@ -97,7 +99,7 @@ pub use gc::{GcOptions, GcReport};
 pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
 pub use stage::{Stage, StageContext};
-pub use stat_cache::{Clock, FileStat, SystemClock, RACY_MARGIN_NS};
+pub use stat_cache::{Clock, FileStat, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
 pub use store::Store;
 
 /// What can go wrong in the engine itself (as opposed to inside a stage, whose errors

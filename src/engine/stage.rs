@@ -172,9 +172,48 @@ impl StageContext<'_> {
         Ok(())
     }
 
+    /// Writes output artifact `name` by streaming it through `write`, hashing on the way: for
+    /// large artifacts (a model of hundreds of MB) that need not sit in memory whole.
+    pub fn write_output_with(
+        &mut self,
+        name: &str,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), EngineError> {
+        let path = self.output_path(name)?;
+        let file = fs::File::create(&path).map_err(|e| EngineError::io("create", &path, e))?;
+        let mut out = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new(), len: 0 };
+        write(&mut out).and_then(|()| std::io::Write::flush(&mut out)).map_err(|e| EngineError::io("write", &path, e))?;
+        self.written.insert(name.to_string(), (out.hasher.finalize().into(), out.len));
+        Ok(())
+    }
+
     /// A private, empty directory for intermediate files; removed after the stage ends.
     pub fn temp_dir(&self) -> &Path {
         &self.temp_dir
+    }
+}
+
+/// A writer that hashes (blake3) and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if n >= 1 << 17 {
+            self.hasher.update_rayon(&buf[..n]);
+        } else {
+            self.hasher.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

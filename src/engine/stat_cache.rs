@@ -18,6 +18,13 @@ use super::EngineError;
 /// systems. A file modified inside this window is simply hashed again next time.
 pub const RACY_MARGIN_NS: i64 = 2_000_000_000;
 
+/// The margin for files whose mtime has a sub-second part: their filesystem keeps
+/// sub-second timestamps (ext4, xfs, btrfs, tmpfs, NTFS; exFAT's are 10 ms), which Linux
+/// takes from its coarse clock (one tick, at most 10 ms), so two writes with one stat are at
+/// most a tick apart. Files rebuilt moments after they were written (a no-op rebuild right
+/// after a build) are then trusted after 100 ms instead of 2 s.
+pub const FINE_RACY_MARGIN_NS: i64 = 100_000_000;
+
 /// A source of "now", abstracted so freshness tests can move time without sleeping.
 pub trait Clock: Send + Sync {
     /// Nanoseconds since the Unix epoch.
@@ -92,8 +99,20 @@ pub(crate) struct StatRecord {
 /// was older than the record by the margin. A file rewritten right after it was hashed,
 /// with the same size and an mtime that the filesystem rounded to the same value, looks
 /// unchanged; its mtime is then within the margin of the record, so it is re-read.
+/// `margin_ns` is the coarse margin; see [`margin_for`].
 pub(crate) fn is_trusted(record: &StatRecord, current: &FileStat, margin_ns: i64) -> bool {
-    record.stat == *current && current.mtime_ns.saturating_add(margin_ns) <= record.recorded_ns
+    record.stat == *current && current.mtime_ns.saturating_add(margin_for(current, margin_ns)) <= record.recorded_ns
+}
+
+/// The racy margin for a file: [`FINE_RACY_MARGIN_NS`] (or the coarse margin, if smaller)
+/// when its mtime has a sub-second part, else the coarse margin (FAT, HFS+, ext3 and some
+/// network filesystems store whole seconds).
+pub(crate) fn margin_for(stat: &FileStat, coarse_margin_ns: i64) -> i64 {
+    if stat.mtime_ns.rem_euclid(1_000_000_000) != 0 {
+        coarse_margin_ns.min(FINE_RACY_MARGIN_NS)
+    } else {
+        coarse_margin_ns
+    }
 }
 
 /// Hashes files through the stat cache. New records are kept in memory and written in
@@ -227,6 +246,20 @@ mod tests {
         ] {
             assert!(!is_trusted(&old, &changed, RACY_MARGIN_NS), "{changed:?}");
         }
+    }
+
+    #[test]
+    fn sub_second_timestamps_get_the_fine_margin() {
+        let h = hash_bytes(b"x");
+        let fine = FileStat { mtime_ns: 100 * S + 123_456_789, ..stat(0) };
+        let rec = |recorded_ns| StatRecord { stat: fine, hash: h, recorded_ns };
+        assert!(!is_trusted(&rec(fine.mtime_ns + S / 20), &fine, RACY_MARGIN_NS), "50 ms after the write: racy");
+        assert!(is_trusted(&rec(fine.mtime_ns + S / 5), &fine, RACY_MARGIN_NS), "200 ms after: trusted");
+        // Whole-second timestamps keep the coarse margin.
+        let coarse = stat(100 * S);
+        let rec = StatRecord { stat: coarse, hash: h, recorded_ns: 100 * S + S / 5 };
+        assert!(!is_trusted(&rec, &coarse, RACY_MARGIN_NS));
+        assert_eq!(margin_for(&fine, 10), 10, "a smaller configured margin wins");
     }
 
     #[test]

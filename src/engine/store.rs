@@ -453,8 +453,8 @@ impl Store {
         Ok(f)
     }
 
-    /// Copies blob `hash` to `dest` atomically (temp file in dest's directory, fsync,
-    /// rename), verifying the bytes against the hash on the way (unless this process stored
+    /// Copies blob `hash` to `dest` atomically (temp file in dest's directory, rename),
+    /// verifying the bytes against the hash on the way (unless this process stored
     /// the blob itself). A missing or corrupt blob gives [`EngineError::CorruptBlob`] and
     /// leaves `dest` untouched.
     pub(crate) fn restore_blob(&self, hash: &Hash, dest: &Path) -> Result<(), EngineError> {
@@ -490,11 +490,12 @@ impl Store {
                 return Err(corrupt());
             }
         }
-        out.sync_all().map_err(|e| EngineError::io("fsync", &tmp, e))?;
+        // No fsync: the store holds the durable copy (its blob was fsynced when committed),
+        // and a copy lost to a crash is restored by the next build. The rename still makes
+        // the copy appear whole or not at all to a reader.
         drop(out);
         fs::rename(&tmp, dest).map_err(|e| EngineError::io("write", dest, e))?;
         guard.disarm();
-        sync_dir(parent);
         Ok(())
     }
 

@@ -123,7 +123,7 @@ impl Stage for ExportOnnx {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let detector = load_detector(ctx, &info)?;
         let model = crate::onnx::export(&detector).with_context(|| format!("exporting {}", info.arch))?;
-        ctx.write_output("model.onnx", crate::onnx::encode(&model))?;
+        ctx.write_output_with("model.onnx", |out| crate::onnx::write_model(&model, out))?;
         Ok(())
     }
 }
