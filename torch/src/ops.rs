@@ -448,6 +448,18 @@ pub fn roi_align(input: &[f32], shape: [usize; 4], rois: &[[f32; 5]], p: &RoiAli
     Ok(())
 }
 
+/// One coordinate of a sampling point: clamped at 0, its lower and upper neighbour on an axis
+/// of `size` cells, and the coordinate moved onto the last cell when it lies past it.
+fn neighbours(v: f32, size: usize) -> (f32, usize, usize) {
+    let v = if v <= 0.0 { 0.0 } else { v };
+    let low = v as usize;
+    if low >= size - 1 {
+        ((size - 1) as f32, size - 1, size - 1)
+    } else {
+        (v, low, low + 1)
+    }
+}
+
 /// `pre_calc_for_bilinear_interpolate` for one sampling point.
 fn bilinear_weights(height: usize, width: usize, yy: f32, xx: f32) -> PreCalc {
     let (h, w) = (height as f32, width as f32);
@@ -455,26 +467,8 @@ fn bilinear_weights(height: usize, width: usize, yy: f32, xx: f32) -> PreCalc {
     if !(f64::from(yy) >= -1.0 && yy <= h && f64::from(xx) >= -1.0 && xx <= w) || height == 0 || width == 0 {
         return PreCalc::default();
     }
-    let mut y = if yy <= 0.0 { 0.0 } else { yy };
-    let mut x = if xx <= 0.0 { 0.0 } else { xx };
-    let mut y_low = y as usize;
-    let mut x_low = x as usize;
-    let y_high;
-    let x_high;
-    if y_low >= height - 1 {
-        y_low = height - 1;
-        y_high = y_low;
-        y = y_low as f32;
-    } else {
-        y_high = y_low + 1;
-    }
-    if x_low >= width - 1 {
-        x_low = width - 1;
-        x_high = x_low;
-        x = x_low as f32;
-    } else {
-        x_high = x_low + 1;
-    }
+    let (y, y_low, y_high) = neighbours(yy, height);
+    let (x, x_low, x_high) = neighbours(xx, width);
     let ly = y - y_low as f32;
     let lx = x - x_low as f32;
     let hy = 1.0 - ly;
