@@ -87,8 +87,8 @@ impl Weights {
             .into_tensors()
             .into_par_iter()
             .map(|(name, t)| {
-                let data = t.to_f32();
-                (name, WeightTensor { shape: t.shape().to_vec(), data })
+                let shape = t.shape().to_vec();
+                (name, WeightTensor { shape, data: t.into_f32() })
             })
             .collect();
         Weights::new(tensors)

@@ -95,6 +95,17 @@ impl<R: Read + Seek> Archive<R> {
     /// The bytes of record `<archive>/<name>`, `None` when the archive has no such record.
     /// Reading checks the record's CRC, so damaged data is an error, not wrong weights.
     pub fn record(&mut self, name: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
+        self.read_record(name)
+    }
+
+    /// Record `<archive>/<name>` read straight into float32 values (native byte order: the
+    /// caller checks that it is the archive's), `None` when there is no such record.
+    pub fn record_f32(&mut self, name: &str) -> Result<Option<Vec<f32>>, CheckpointError> {
+        self.read_record(name)
+    }
+
+    /// A record as elements of `T`, read into one buffer of the declared size.
+    fn read_record<T: bytemuck::Pod>(&mut self, name: &str) -> Result<Option<Vec<T>>, CheckpointError> {
         let full = self.record_name(name);
         let corrupt = |path: &Path, e: &dyn std::fmt::Display| CheckpointError::CorruptZip {
             path: path.to_path_buf(),
@@ -110,18 +121,30 @@ impl<R: Read + Seek> Archive<R> {
             Err(e) => return Err(corrupt(&self.path, &e)),
         };
         // torch stores records uncompressed, so a record larger than the file is a lie
-        // of a damaged directory; reserving it up front would be a huge allocation.
+        // of a damaged directory: refused before allocating it.
         let declared = file.size();
-        let reserve = usize::try_from(declared.min(file_len)).unwrap_or(0);
-        let mut bytes = Vec::new();
-        if bytes.try_reserve_exact(reserve).is_err() {
-            return Err(corrupt(&self.path, &format!("cannot allocate {reserve} bytes")));
+        let elem = std::mem::size_of::<T>() as u64;
+        if declared > file_len {
+            return Err(corrupt(&self.path, &format!("declares {declared} bytes, more than the file's {file_len}")));
         }
-        file.read_to_end(&mut bytes).map_err(|e| corrupt(&self.path, &e))?;
-        if bytes.len() as u64 != declared {
-            return Err(corrupt(&self.path, &format!("holds {} bytes, directory says {declared}", bytes.len())));
+        if declared % elem != 0 {
+            return Err(corrupt(&self.path, &format!("holds {declared} bytes, not a whole number of {elem}-byte elements")));
         }
-        Ok(Some(bytes))
+        let n = usize::try_from(declared / elem).map_err(|e| corrupt(&self.path, &e))?;
+        let mut values: Vec<T> = Vec::new();
+        if values.try_reserve_exact(n).is_err() {
+            return Err(corrupt(&self.path, &format!("cannot allocate {declared} bytes")));
+        }
+        values.resize(n, T::zeroed());
+        file.read_exact(bytemuck::cast_slice_mut(&mut values))
+            .map_err(|e| corrupt(&self.path, &format!("holds fewer bytes than the {declared} its directory says ({e})")))?;
+        // Reading on to the end checks the CRC, and that nothing follows.
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest).map_err(|e| corrupt(&self.path, &e))?;
+        if !rest.is_empty() {
+            return Err(corrupt(&self.path, &format!("holds more bytes than the {declared} its directory says")));
+        }
+        Ok(Some(values))
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::archive::Archive;
 use super::pickle::{Id, Obj, Pickle, TensorRef};
-use super::tensor::{swap_bytes, Tensor, View};
+use super::tensor::{swap_bytes, DType, Tensor, View};
 use super::value::PyValue;
 use super::CheckpointError;
 
@@ -304,6 +304,41 @@ fn read_tensors<R: Read + Seek>(
         let elem = dtype.size();
         let storage_key = t.storage.key.as_str();
         let record = archive.record_name(&format!("data/{storage_key}"));
+        // The usual weight: a float32 tensor alone on its storage, contiguous. Read straight
+        // into float32 values (no byte buffer to convert), when byte orders agree.
+        let storage_elem = t.storage.dtype.map_or(1, |d| d.size()) as u64;
+        let declared = t.storage.numel.saturating_mul(storage_elem);
+        if dtype == DType::F32
+            && t.storage.dtype == Some(DType::F32)
+            && uses.get(storage_key) == Some(&1)
+            && view.numel > 0
+            && view.is_contiguous()
+            && !archive.big_endian
+            && cfg!(target_endian = "little")
+        {
+            let mut values = archive.record_f32(&format!("data/{storage_key}"))?.ok_or_else(|| CheckpointError::MissingStorage {
+                path: path.to_path_buf(),
+                key: key.clone(),
+                record: record.clone(),
+            })?;
+            let available = declared.min(values.len() as u64 * 4);
+            if view.extent as u64 * 4 > available {
+                return Err(CheckpointError::StorageTooSmall {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    record,
+                    needed: view.extent as u64 * 4,
+                    available,
+                });
+            }
+            uses.insert(storage_key, 0);
+            values.truncate(view.offset + view.numel);
+            values.drain(..view.offset);
+            out.push(
+                Tensor::from_f32_values(view.shape, values).ok_or_else(|| invalid("element count does not match its data".to_owned()))?,
+            );
+            continue;
+        }
         let mut data = match cache.remove(storage_key) {
             Some(d) => d,
             None => archive.record(&format!("data/{storage_key}"))?.ok_or_else(|| CheckpointError::MissingStorage {
@@ -313,8 +348,6 @@ fn read_tensors<R: Read + Seek>(
             })?,
         };
         // The storage is as large as torch declared it, and no larger than its record.
-        let storage_elem = t.storage.dtype.map_or(1, |d| d.size()) as u64;
-        let declared = t.storage.numel.saturating_mul(storage_elem);
         let available = declared.min(data.len() as u64);
         let needed = (view.extent as u64).checked_mul(elem as u64);
         if needed.is_none_or(|n| n > available) {

@@ -116,11 +116,36 @@ impl fmt::Display for DType {
 /// A dense, contiguous, row-major tensor with little-endian element bytes.
 ///
 /// Invariant: `data().len() == numel() * dtype().size()`.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Tensor {
     dtype: DType,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    data: Data,
+}
+
+/// A tensor's elements: little-endian bytes, or float32 values read straight from a
+/// little-endian archive on a little-endian machine (the usual checkpoint), which become
+/// model weights without another copy.
+#[derive(Clone)]
+enum Data {
+    Bytes(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Bytes(b) => b,
+            // Native order, which is little-endian wherever this variant is built.
+            Data::F32(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        self.dtype == other.dtype && self.shape == other.shape && self.data.bytes() == other.data.bytes()
+    }
 }
 
 impl fmt::Debug for Tensor {
@@ -137,7 +162,14 @@ impl Tensor {
         if numel.checked_mul(dtype.size())? != data.len() {
             return None;
         }
-        Some(Tensor { dtype, shape, data })
+        Some(Tensor { dtype, shape, data: Data::Bytes(data) })
+    }
+
+    /// A float32 tensor that takes `values` as they are (little-endian machines only);
+    /// `None` when their count does not match `shape`.
+    pub(crate) fn from_f32_values(shape: Vec<usize>, values: Vec<f32>) -> Option<Tensor> {
+        let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        (cfg!(target_endian = "little") && numel == values.len()).then_some(Tensor { dtype: DType::F32, shape, data: Data::F32(values) })
     }
 
     /// A float32 tensor; `None` when `values.len()` does not match `shape`.
@@ -163,18 +195,33 @@ impl Tensor {
 
     /// The raw little-endian element bytes, row-major.
     pub fn data(&self) -> &[u8] {
-        &self.data
+        self.data.bytes()
     }
 
     /// The raw bytes, consuming the tensor.
     pub fn into_data(self) -> Vec<u8> {
-        self.data
+        match self.data {
+            Data::Bytes(b) => b,
+            Data::F32(v) => bytemuck::cast_slice(&v).to_vec(),
+        }
+    }
+
+    /// The values as f32, consuming the tensor: float32 read straight from the archive is
+    /// handed over without a copy; other types convert as [`Tensor::to_f32`].
+    pub fn into_f32(self) -> Vec<f32> {
+        match self.data {
+            Data::F32(v) => v,
+            Data::Bytes(_) => self.to_f32(),
+        }
     }
 
     /// The values as f32. f64, int64 and the other wide integer types round to nearest;
     /// f16 and bf16 widen exactly; bool is 0.0 or 1.0.
     pub fn to_f32(&self) -> Vec<f32> {
-        let d = &self.data;
+        if let Data::F32(v) = &self.data {
+            return v.clone();
+        }
+        let d = self.data.bytes();
         match self.dtype {
             DType::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             DType::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -185,7 +232,7 @@ impl Tensor {
 
     /// The values as f64 (exact except for 64-bit integers beyond 2^53).
     pub fn to_f64(&self) -> Vec<f64> {
-        let d = &self.data;
+        let d = self.data.bytes();
         match self.dtype {
             DType::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(le8(c))).collect(),
             DType::F32 | DType::F16 | DType::BF16 => self.to_f32().into_iter().map(f64::from).collect(),
@@ -200,7 +247,7 @@ impl Tensor {
     /// The values as i64 for integer and bool tensors (uint64 values above `i64::MAX`
     /// wrap); `None` for floating-point tensors.
     pub fn to_i64(&self) -> Option<Vec<i64>> {
-        let d = &self.data;
+        let d = self.data.bytes();
         Some(match self.dtype {
             DType::I64 | DType::U64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(le8(c))).collect(),
             DType::I32 => d.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
