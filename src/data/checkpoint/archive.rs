@@ -131,11 +131,9 @@ impl<R: Read + Seek> Archive<R> {
             return Err(corrupt(&self.path, &format!("holds {declared} bytes, not a whole number of {elem}-byte elements")));
         }
         let n = usize::try_from(declared / elem).map_err(|e| corrupt(&self.path, &e))?;
-        let mut values: Vec<T> = Vec::new();
-        if values.try_reserve_exact(n).is_err() {
-            return Err(corrupt(&self.path, &format!("cannot allocate {declared} bytes")));
-        }
-        values.resize(n, T::zeroed());
+        // Zeroed by the allocator (fresh pages from the OS), not by a pass over the buffer;
+        // bounded by the file's size, checked above.
+        let mut values: Vec<T> = bytemuck::zeroed_vec(n);
         file.read_exact(bytemuck::cast_slice_mut(&mut values))
             .map_err(|e| corrupt(&self.path, &format!("holds fewer bytes than the {declared} its directory says ({e})")))?;
         // Reading on to the end checks the CRC, and that nothing follows.
