@@ -83,8 +83,9 @@ fn written_an_hour_ago(path: &Path) {
     f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
 }
 
-/// Flushes dirty pages (the fixture copies a benchmark just made), so that the kernel's
-/// writeback of the set-up does not land inside a timed process.
+/// Flushes dirty pages (the fixture copies a benchmark just made, the previous process's
+/// outputs), so that the kernel's writeback does not land inside a timed process; called
+/// before each one.
 fn settle() {
     let _ = Command::new("sync").status();
 }
@@ -115,7 +116,6 @@ fn main() {
         let src = fixtures().join(run["run_dir"].as_str().unwrap());
         let dir = t.join(format!("convert-{name}"));
         copy_run(&src, &dir);
-        settle();
         let out = t.join(format!("tv-{name}.onnx"));
         if wanted("convert") || wanted("ort") {
             // Alternating rounds (this machine's I/O speed drifts by 2x within a minute), the
@@ -299,7 +299,6 @@ fn main() {
             c
         };
         time_process(&mut || build(), 1);
-        settle();
         let (noop, _) = time_process(&mut || build(), 5);
         row(
             &format!("no-op rebuild of {count} run(s) (whole process)"),
@@ -319,7 +318,6 @@ fn main() {
         })
         .collect();
     let mut timings = Vec::new();
-    settle();
     for jobs in ["1", "2"].into_iter().filter(|_| wanted("jobs")) {
         let mut args: Vec<String> = vec!["build".into()];
         args.extend(eight.iter().cloned());

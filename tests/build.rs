@@ -200,10 +200,8 @@ fn concurrent_builds_build_each_stage_once() {
         "2",
     ];
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_mkonnx"))
+        mkonnx_command_for(&mkonnx_binary(), &store)
             .args(args)
-            .env("MKONNX_STORE", &store)
-            .env("OMP_NUM_THREADS", "1")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -248,10 +246,8 @@ fn a_build_killed_mid_stage_leaves_the_next_one_correct() {
     // Kill at several points of a build, then finish it.
     let store = t.path().join("store");
     for delay_ms in [300u64, 1500, 3000] {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mkonnx"))
+        let mut child = mkonnx_command_for(&mkonnx_binary(), &store)
             .args(args)
-            .env("MKONNX_STORE", &store)
-            .env("OMP_NUM_THREADS", "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -295,11 +291,9 @@ fn a_missing_or_broken_pytorch_runner_is_a_clear_error() {
     let ds = eval_dataset();
     let image = ds.join("data").read_dir().unwrap().map(|e| e.unwrap().path()).min().unwrap();
     let run = |binary: &Path, runner: Option<&str>, extra: &[&str]| {
-        let mut c = std::process::Command::new(binary);
+        let mut c = mkonnx_command_for(binary, &t.path().join("store"));
         c.args(["build", run_dir.to_str().unwrap(), "--image-input", image.to_str().unwrap()])
             .args(extra)
-            .env("MKONNX_STORE", t.path().join("store"))
-            .env("OMP_NUM_THREADS", "1")
             .env_remove("MKONNX_TORCH_RUNNER");
         if let Some(r) = runner {
             c.env("MKONNX_TORCH_RUNNER", r);

@@ -75,12 +75,20 @@ impl<'de> serde::Deserialize<'de> for Hash {
     }
 }
 
-/// blake3 of a byte slice (on rayon's pool when it is large).
+/// blake3 of a byte slice.
 pub fn hash_bytes(bytes: &[u8]) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    update(&mut hasher, bytes);
+    hasher.finalize().into()
+}
+
+/// Feeds `bytes` to `hasher`, on rayon's pool when they are large enough to split across
+/// cores (every large hash in the engine goes through here).
+pub(crate) fn update(hasher: &mut blake3::Hasher, bytes: &[u8]) {
     if bytes.len() >= 1 << 17 {
-        blake3::Hasher::new().update_rayon(bytes).finalize().into()
+        hasher.update_rayon(bytes);
     } else {
-        blake3::hash(bytes).into()
+        hasher.update(bytes);
     }
 }
 
@@ -102,11 +110,7 @@ pub fn hash_file(path: &Path) -> std::io::Result<Hash> {
         if n == 0 {
             break;
         }
-        if n >= 1 << 17 {
-            hasher.update_rayon(&buf[..n]);
-        } else {
-            hasher.update(&buf[..n]);
-        }
+        update(&mut hasher, &buf[..n]);
         if n < buf.len() {
             break;
         }

@@ -69,8 +69,9 @@
 //! - Every file the engine writes is written to a temporary name, then renamed; blobs are
 //!   fsynced first. A blob is recorded in SQLite only after it is on disk; a result only
 //!   after all its blobs are. Copies materialized into run directories are not fsynced:
-//!   the store has the durable copy, and the next build restores one a crash lost. A process killed at any point leaves at most unreferenced files, which
-//!   the next process (scratch sessions whose lock is free) or [`Engine::gc`] removes.
+//!   the store has the durable copy, and the next build restores one a crash lost. A
+//!   process killed at any point leaves at most unreferenced files, which the next process
+//!   (scratch sessions whose lock is free) or [`Engine::gc`] removes.
 //! - Concurrent processes: the key lock (`std::fs::File::lock`, released by the OS when a
 //!   process dies) is taken on a store miss, and the store is checked again under it, so
 //!   a key is built once even when two processes (or two nodes of one build) want it.

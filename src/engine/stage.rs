@@ -203,11 +203,7 @@ struct HashingWriter<W> {
 impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        if n >= 1 << 17 {
-            self.hasher.update_rayon(&buf[..n]);
-        } else {
-            self.hasher.update(&buf[..n]);
-        }
+        super::hash::update(&mut self.hasher, &buf[..n]);
         self.len += n as u64;
         Ok(n)
     }

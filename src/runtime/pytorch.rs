@@ -280,7 +280,7 @@ impl PytorchRunner {
         PytorchError::Io { runner: self.runner.clone(), message }
     }
 
-    fn protocol_error(&mut self, what: &str) -> PytorchError {
+    fn protocol_error(&self, what: &str) -> PytorchError {
         PytorchError::Io { runner: self.runner.clone(), message: format!("unexpected answer: {what}") }
     }
 }

@@ -69,9 +69,17 @@ pub fn mkonnx_binary() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target/<profile>/deps").join("mkonnx")
 }
 
+/// A command running the mkonnx executable `binary` with a private store and one thread for
+/// the runtimes (arguments still to add).
+pub fn mkonnx_command_for(binary: &Path, store: &Path) -> Command {
+    let mut c = Command::new(binary);
+    c.env("MKONNX_STORE", store).env("OMP_NUM_THREADS", "1");
+    c
+}
+
 /// Runs the mkonnx binary with a private store; one thread for the runtimes.
 pub fn mkonnx(args: &[&str], store: &Path) -> Output {
-    Command::new(mkonnx_binary()).args(args).env("MKONNX_STORE", store).env("OMP_NUM_THREADS", "1").output().expect("run mkonnx")
+    mkonnx_command_for(&mkonnx_binary(), store).args(args).output().expect("run mkonnx")
 }
 
 /// stdout + stderr as text.

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         .take(n)
         .map(|i| {
             let img = RgbImage::load(&ds.image_path(i))?;
-            Ok(tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64]))
+            Ok(mkonnx_torch::image_from_chw(img.height, img.width, &img.chw)?)
         })
         .collect::<anyhow::Result<_>>()?;
     torch.detect(std::slice::from_ref(&images[0]))?;

@@ -245,6 +245,15 @@ pub fn image_from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<tch::T
     t.f_to_kind(tch::Kind::Float).and_then(|t| t.f_div_scalar(255)).step("image conversion")
 }
 
+/// A float32 [3, H, W] image tensor from CHW values in 0..1 (an [`mkonnx::runtime::RgbImage`]'s
+/// `chw`, or one image of a batch); an error unless there are `3·height·width` of them.
+pub fn image_from_chw(height: usize, width: usize, chw: &[f32]) -> Result<tch::Tensor, RuntimeError> {
+    if chw.len() != 3 * height * width || width == 0 || height == 0 {
+        return Err(RuntimeError::BadImage { index: 0, reason: format!("{} values for a {width}x{height} RGB image", chw.len()) });
+    }
+    tch::Tensor::f_from_slice(chw).and_then(|t| t.f_view([3, height as i64, width as i64])).step("image conversion")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@
 
 use anyhow::Context;
 use mkonnx::model::Detector;
-use mkonnx::runtime::pytorch::{read_batch_data, read_message, write_message, BatchHeader, Device, Reply, RunnerSetup};
+use mkonnx::runtime::pytorch::{read_batch_data, read_message, write_message, BatchHeader, Reply, RunnerSetup};
 use mkonnx::runtime::Detections;
-use mkonnx_torch::{parse_device, set_num_threads, TorchDetector};
+use mkonnx_torch::{image_from_chw, parse_device, set_num_threads, TorchDetector};
 use std::io::{BufReader, BufWriter, Write};
 use std::process::ExitCode;
 
@@ -78,10 +78,7 @@ fn serve() -> anyhow::Result<()> {
 /// Reads the checkpoint with mkonnx's reader and puts its weights on the device.
 fn load(setup: &RunnerSetup) -> anyhow::Result<TorchDetector> {
     set_num_threads(setup.threads);
-    let device = parse_device(match setup.device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-    })?;
+    let device = parse_device(setup.device.name())?;
     let (weights, _, _) = mkonnx::stages::convert::load_weights(&setup.checkpoint)?;
     let detector = Detector { arch: setup.arch, params: setup.params.clone(), weights };
     Ok(TorchDetector::new(&detector, device)?)
@@ -94,10 +91,9 @@ fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyho
     if header.height == 0 || header.width == 0 {
         anyhow::bail!("a {}x{} image is empty", header.width, header.height);
     }
-    let (h, w) = (header.height as i64, header.width as i64);
     let images = data
         .chunks(3 * header.height * header.width)
-        .map(|chw| tch::Tensor::from_slice(chw).f_view([3, h, w]))
+        .map(|chw| image_from_chw(header.height, header.width, chw))
         .collect::<Result<Vec<_>, _>>()
         .context("batch data")?;
     Ok(detector.detect(&images)?)

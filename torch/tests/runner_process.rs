@@ -43,7 +43,7 @@ fn runners_are_deterministic_and_agree_with_the_in_process_detector() {
         let remote = runner.detect(&img.to_batch()).unwrap();
         let remote2 = runner2.detect(&img.to_batch()).unwrap();
         assert_eq!(remote, remote2, "two runners");
-        let tensor = tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64]);
+        let tensor = mkonnx_torch::image_from_chw(img.height, img.width, &img.chw).unwrap();
         let here = local.detect(&[tensor]).unwrap();
         let r = compare(&here[0], &remote[0], Tolerance { score: 1e-4, box_px: 1e-3 }, detector.params.box_score_thresh);
         assert!(r.passed(Tolerance { score: 1e-4, box_px: 1e-3 }), "{r:?}");

@@ -179,7 +179,7 @@ fn load_detector(run: &Value) -> Detector {
 fn load_image(path: &Path) -> (tch::Tensor, u64) {
     let img = mkonnx::runtime::RgbImage::load(path).unwrap_or_else(|e| panic!("{e}"));
     let sum = img.chw.iter().map(|&v| (v * 255.0).round() as u64).sum();
-    (tch::Tensor::from_slice(&img.chw).view([3, img.height as i64, img.width as i64]), sum)
+    (mkonnx_torch::image_from_chw(img.height, img.width, &img.chw).unwrap(), sum)
 }
 
 /// The image at `rel` (a JSON string, relative to the dataset) with exactly the pixels

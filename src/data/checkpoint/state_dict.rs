@@ -304,6 +304,14 @@ fn read_tensors<R: Read + Seek>(
         let elem = dtype.size();
         let storage_key = t.storage.key.as_str();
         let record = archive.record_name(&format!("data/{storage_key}"));
+        let missing = || CheckpointError::MissingStorage { path: path.to_path_buf(), key: key.clone(), record: record.clone() };
+        let too_small = |needed: u64, available: u64| CheckpointError::StorageTooSmall {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            record: record.clone(),
+            needed,
+            available,
+        };
         // The usual weight: a float32 tensor alone on its storage, contiguous. Read straight
         // into float32 values (no byte buffer to convert), when byte orders agree.
         let storage_elem = t.storage.dtype.map_or(1, |d| d.size()) as u64;
@@ -316,20 +324,10 @@ fn read_tensors<R: Read + Seek>(
             && !archive.big_endian
             && cfg!(target_endian = "little")
         {
-            let mut values = archive.record_f32(&format!("data/{storage_key}"))?.ok_or_else(|| CheckpointError::MissingStorage {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                record: record.clone(),
-            })?;
+            let mut values = archive.record_f32(&format!("data/{storage_key}"))?.ok_or_else(missing)?;
             let available = declared.min(values.len() as u64 * 4);
             if view.extent as u64 * 4 > available {
-                return Err(CheckpointError::StorageTooSmall {
-                    path: path.to_path_buf(),
-                    key: key.clone(),
-                    record,
-                    needed: view.extent as u64 * 4,
-                    available,
-                });
+                return Err(too_small(view.extent as u64 * 4, available));
             }
             uses.insert(storage_key, 0);
             values.truncate(view.offset + view.numel);
@@ -341,23 +339,13 @@ fn read_tensors<R: Read + Seek>(
         }
         let mut data = match cache.remove(storage_key) {
             Some(d) => d,
-            None => archive.record(&format!("data/{storage_key}"))?.ok_or_else(|| CheckpointError::MissingStorage {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                record: record.clone(),
-            })?,
+            None => archive.record(&format!("data/{storage_key}"))?.ok_or_else(missing)?,
         };
         // The storage is as large as torch declared it, and no larger than its record.
         let available = declared.min(data.len() as u64);
         let needed = (view.extent as u64).checked_mul(elem as u64);
         if needed.is_none_or(|n| n > available) {
-            return Err(CheckpointError::StorageTooSmall {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                record,
-                needed: needed.unwrap_or(u64::MAX),
-                available,
-            });
+            return Err(too_small(needed.unwrap_or(u64::MAX), available));
         }
         let remaining = uses.get(storage_key).copied().unwrap_or(1).saturating_sub(1);
         uses.insert(storage_key, remaining);
