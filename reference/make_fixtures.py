@@ -330,25 +330,25 @@ def build_all(build: str, digest: str) -> None:
         json.dump(doc, f, indent=2)
 
 
-def ensure_fixtures() -> str:
+def build_once(name: str, digest: str, what: str, build_fn) -> str:
+    """`<root>/<name>/`, made by `build_fn(build_dir)` once: one builder per name (a second
+    caller waits on the lock, then finds the result), built in a temp dir that is renamed into
+    place with `COMPLETE` written last, so a half-built directory is never taken for done."""
     root = fixtures_root()
-    digest = source_hash()
-    final = os.path.join(root, digest)
+    final = os.path.join(root, name)
     if os.path.exists(os.path.join(final, "COMPLETE")):
         return final
     os.makedirs(root, exist_ok=True)
-    # One builder per hash; a second `make fixtures` waits, then finds the result.
-    with open(os.path.join(root, f"{digest}.lock"), "w") as lock:
+    with open(os.path.join(root, f"{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(final, "COMPLETE")):
             return final
-        if os.path.exists(final):  # an incomplete dir from an older layout: never trust it
-            shutil.rmtree(final)
-        build = os.path.join(root, f"{digest}.tmp-{os.getpid()}")
+        shutil.rmtree(final, ignore_errors=True)  # incomplete (an older layout): never trust it
+        build = os.path.join(root, f"{name}.tmp-{os.getpid()}")
         shutil.rmtree(build, ignore_errors=True)
-        progress(f"building fixtures in {build}")
+        progress(f"building {what} in {build}")
         try:
-            build_all(build, digest)
+            build_fn(build)
             with open(os.path.join(build, "COMPLETE"), "w") as f:
                 f.write(f"{digest}\n")
             os.rename(build, final)
@@ -357,6 +357,11 @@ def ensure_fixtures() -> str:
             raise
         progress(f"done in {time.time() - T0:.0f}s")
     return final
+
+
+def ensure_fixtures() -> str:
+    digest = source_hash()
+    return build_once(digest, digest, "fixtures", lambda build: build_all(build, digest))
 
 
 DEMO_RUN = "mobilenet_v3_large_320_fpn"
@@ -382,28 +387,11 @@ def build_demo_only(build: str) -> None:
 def demo_source() -> str:
     """A directory holding runs.json with the demo run: the full fixtures when they are
     built, else `<root>/<hash>-demo/`, built (atomically, once) with just that run."""
-    root = fixtures_root()
     digest = source_hash()
-    full = os.path.join(root, digest)
+    full = os.path.join(fixtures_root(), digest)
     if os.path.exists(os.path.join(full, "COMPLETE")):
         return full
-    final = os.path.join(root, f"{digest}-demo")
-    if os.path.exists(os.path.join(final, "COMPLETE")):
-        return final
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"{digest}-demo.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(os.path.join(final, "COMPLETE")):
-            return final
-        shutil.rmtree(final, ignore_errors=True)
-        build = os.path.join(root, f"{digest}-demo.tmp-{os.getpid()}")
-        shutil.rmtree(build, ignore_errors=True)
-        progress(f"no fixtures yet: building the demo run alone in {build}")
-        build_demo_only(build)
-        with open(os.path.join(build, "COMPLETE"), "w") as f:
-            f.write(f"{digest}\n")
-        os.rename(build, final)
-    return final
+    return build_once(f"{digest}-demo", digest, "the demo run alone (no fixtures yet)", build_demo_only)
 
 
 def make_demo(dest: str) -> str:
