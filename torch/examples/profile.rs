@@ -16,6 +16,7 @@ use mkonnx::stages::convert::load_weights;
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
+    mkonnx_torch::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [run, dataset, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: profile RUN_DIR DATASET_DIR [IMAGES]");

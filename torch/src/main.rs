@@ -19,6 +19,7 @@ const USAGE: &str = "usage: mkonnx-torch serve | mkonnx-torch check-device DEVIC
     mkonnx's PyTorch runner; `mkonnx build` starts it when it runs the PyTorch model.";
 
 fn main() -> ExitCode {
+    mkonnx_torch::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve"] => serve(),
