@@ -181,6 +181,7 @@ impl StageContext<'_> {
     ) -> Result<(), EngineError> {
         let path = self.output_path(name)?;
         let file = fs::File::create(&path).map_err(|e| EngineError::io("create", &path, e))?;
+        let file = super::store::EarlyWriteback::new(file);
         let mut out = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new(), len: 0 };
         write(&mut out).and_then(|()| std::io::Write::flush(&mut out)).map_err(|e| EngineError::io("write", &path, e))?;
         self.written.insert(name.to_string(), (out.hasher.finalize().into(), out.len));
