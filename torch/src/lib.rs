@@ -240,7 +240,7 @@ pub fn set_num_threads(threads: usize) {
 /// so each inference faults in and zeroes its [R, 256, 7, 7] activations anew: on
 /// resnet50_fpn_v2 that was 0.9 s of system time in 7 images, ~10% of the wall time. A
 /// runner's peak memory is the same image after image, so keeping it costs nothing. Call it
-/// first thing in a process that runs many inferences; elsewhere it is a no-op.
+/// first thing in a process that runs many inferences. Outside Linux with glibc it does nothing.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any thread of
