@@ -357,14 +357,11 @@ struct LibtorchBench {
 
 impl LibtorchBench {
     fn start(run_dir: &Path, n: usize) -> LibtorchBench {
-        use mkonnx::data::hydra::TrainingConfig;
-        use mkonnx::model::resolve::resolve;
+        use mkonnx::data::run_dir::RunDir;
         use mkonnx::runtime::pytorch::{Device, PytorchRunner, RunnerSetup};
-        use mkonnx::stages::convert::load_weights;
-        let checkpoint = run_dir.join("best_model.pth");
-        let (weights, _, _) = load_weights(&checkpoint).unwrap();
-        let r = resolve(&TrainingConfig::load(&run_dir.join(".hydra/config.yaml")).unwrap(), &weights, &checkpoint).unwrap();
-        let setup = RunnerSetup { checkpoint, arch: r.arch, params: r.params, device: Device::Cpu, threads: 1 };
+        let run = RunDir::locate(run_dir, None).unwrap();
+        let det = mkonnx::stages::convert::load_run_detector(&run).unwrap();
+        let setup = RunnerSetup { checkpoint: run.checkpoint, arch: det.arch, params: det.params, device: Device::Cpu, threads: 1 };
         let mut runner = PytorchRunner::start(&setup).unwrap();
         let ds = mkonnx::data::dataset::Dataset::load(&dataset()).unwrap();
         let images: Vec<_> = ds.images.iter().take(n).map(|i| RgbImage::load(&ds.image_path(i)).unwrap().to_batch()).collect();

@@ -5,24 +5,21 @@
 
 mod common;
 use common::*;
-use mkonnx::data::hydra::TrainingConfig;
+use mkonnx::data::run_dir::RunDir;
 use mkonnx::eval::parity::{compare, Tolerance, ONNX_TOLERANCE};
-use mkonnx::model::resolve::resolve;
 use mkonnx::model::Detector;
 use mkonnx::runtime::onnx::OnnxDetector;
 use mkonnx::runtime::{Detections, ImageBatch, RgbImage};
-use mkonnx::stages::convert::load_weights;
+use mkonnx::stages::convert::load_run_detector;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn detector(run: &Value) -> Detector {
     let root = fixtures_dir();
     let checkpoint = root.join(run["checkpoint"].as_str().unwrap());
-    let config = TrainingConfig::load(&root.join(run["run_dir"].as_str().unwrap()).join(".hydra/config.yaml")).unwrap();
-    let (weights, _, _) = load_weights(&checkpoint).unwrap();
-    let r = resolve(&config, &weights, &checkpoint).unwrap();
-    assert_eq!(r.arch.constructor(), run["architecture"].as_str().unwrap(), "resolved architecture of {}", run["name"]);
-    Detector { arch: r.arch, params: r.params, weights }
+    let det = load_run_detector(&RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap()).unwrap();
+    assert_eq!(det.arch.constructor(), run["architecture"].as_str().unwrap(), "resolved architecture of {}", run["name"]);
+    det
 }
 
 fn export(det: &Detector, dir: &Path) -> PathBuf {

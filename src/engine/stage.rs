@@ -59,8 +59,9 @@ pub struct StageContext<'a> {
     pub(crate) out_dir: PathBuf,
     pub(crate) temp_dir: PathBuf,
     pub(crate) outputs: BTreeSet<String>,
-    /// Content hash and size of outputs written whole by [`StageContext::write_output`]:
-    /// hashed from memory, so committing them need not read them back.
+    /// Content hash and size of outputs written by [`StageContext::write_output`] or
+    /// [`StageContext::write_output_with`]: hashed as they were written, so committing them
+    /// need not read them back.
     pub(crate) written: BTreeMap<String, (Hash, u64)>,
 }
 

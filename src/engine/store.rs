@@ -483,7 +483,7 @@ impl Store {
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
+                super::hash::update(&mut hasher, &buf[..n]);
                 out.write_all(&buf[..n]).map_err(|e| EngineError::io("write", &tmp, e))?;
             }
             if Hash::from(hasher.finalize()) != *hash {

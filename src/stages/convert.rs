@@ -2,6 +2,7 @@
 
 use crate::data::checkpoint::load_state_dict;
 use crate::data::hydra::TrainingConfig;
+use crate::data::run_dir::RunDir;
 use crate::engine::{Stage, StageContext};
 use crate::model::resolve::{resolve, Resolved};
 use crate::model::{Architecture, Detector, DetectorParams, Weights};
@@ -42,6 +43,15 @@ pub fn load_weights(checkpoint: &Path) -> anyhow::Result<(Weights, Option<String
     let sd = load_state_dict(checkpoint)?;
     let (wrapper, prefix) = (sd.wrapper.clone(), sd.stripped_prefix.clone());
     Ok((Weights::from_state_dict(sd), wrapper, prefix))
+}
+
+/// A run's PyTorch model as `mkonnx build` resolves it: the checkpoint read natively, the
+/// architecture and hyperparameters from its config and weights. For tools and tests that
+/// run a model outside a build (the build itself caches each step as a stage).
+pub fn load_run_detector(run: &RunDir) -> anyhow::Result<Detector> {
+    let (weights, _, _) = load_weights(&run.checkpoint)?;
+    let Resolved { arch, params, .. } = resolve(&TrainingConfig::load(&run.config)?, &weights, &run.checkpoint)?;
+    Ok(Detector { arch, params, weights })
 }
 
 /// A checkpoint's weights with the wrapper key and stripped prefix it was found under.

@@ -1,5 +1,6 @@
-//! Stages that run the PyTorch model on libtorch (in the `mkonnx-torch` runner): the parity check of a conversion on its
-//! sample image, and the PyTorch-side evaluation when the user has none.
+//! Stages that run the PyTorch model on libtorch (in the `mkonnx-torch` runner): the parity
+//! check of a conversion on its sample image, and the PyTorch-side evaluation when the user
+//! has none.
 
 use super::convert::{read_json, ModelInfo};
 use super::evaluate::evaluate_dataset;

@@ -8,12 +8,10 @@
 //! and the mean wall time per image (compare with eager PyTorch on the same images).
 
 use mkonnx::data::dataset::Dataset;
-use mkonnx::data::hydra::TrainingConfig;
-use mkonnx::model::resolve::resolve;
-use mkonnx::model::Detector;
+use mkonnx::data::run_dir::RunDir;
 use mkonnx::runtime::RgbImage;
-use mkonnx::stages::convert::load_weights;
-use std::path::PathBuf;
+use mkonnx::stages::convert::load_run_detector;
+use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
     mkonnx_torch::keep_freed_memory();
@@ -22,11 +20,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: profile RUN_DIR DATASET_DIR [IMAGES]");
     };
     let n: usize = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(8);
-    let run = PathBuf::from(run);
-    let checkpoint = run.join("best_model.pth");
-    let (weights, _, _) = load_weights(&checkpoint)?;
-    let resolved = resolve(&TrainingConfig::load(&run.join(".hydra/config.yaml"))?, &weights, &checkpoint)?;
-    let detector = Detector { arch: resolved.arch, params: resolved.params, weights };
+    let detector = load_run_detector(&RunDir::locate(Path::new(run), None)?)?;
     mkonnx_torch::set_num_threads(1);
     let torch = mkonnx_torch::TorchDetector::new(&detector, tch::Device::Cpu)?;
     let ds = Dataset::load(std::path::Path::new(dataset))?;

@@ -7,23 +7,22 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use mkonnx::data::hydra::TrainingConfig;
+use mkonnx::data::run_dir::RunDir;
 use mkonnx::eval::parity::{compare, Tolerance};
-use mkonnx::model::resolve::resolve;
 use mkonnx::model::Detector;
 use mkonnx::runtime::pytorch::{Device, PytorchError, PytorchRunner, RunnerSetup};
 use mkonnx::runtime::{ImageBatch, RgbImage};
-use mkonnx::stages::convert::load_weights;
+use mkonnx::stages::convert::load_run_detector;
 use std::path::PathBuf;
 
 fn runner_setup(run: &str) -> (RunnerSetup, Detector) {
     std::env::set_var(mkonnx::runtime::pytorch::RUNNER_ENV, env!("CARGO_BIN_EXE_mkonnx-torch"));
     let dir = common::fixtures_dir().join(common::run(run)["run_dir"].as_str().unwrap());
-    let checkpoint = dir.join("best_model.pth");
-    let (weights, _, _) = load_weights(&checkpoint).unwrap();
-    let r = resolve(&TrainingConfig::load(&dir.join(".hydra/config.yaml")).unwrap(), &weights, &checkpoint).unwrap();
-    let setup = RunnerSetup { checkpoint, arch: r.arch, params: r.params.clone(), device: Device::Cpu, threads: 1 };
-    (setup, Detector { arch: r.arch, params: r.params, weights })
+    let run = RunDir::locate(&dir, None).unwrap();
+    let detector = load_run_detector(&run).unwrap();
+    let setup =
+        RunnerSetup { checkpoint: run.checkpoint, arch: detector.arch, params: detector.params.clone(), device: Device::Cpu, threads: 1 };
+    (setup, detector)
 }
 
 fn eval_images(n: usize) -> Vec<RgbImage> {
