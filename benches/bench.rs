@@ -76,8 +76,9 @@ fn copy_run(src: &Path, dest: &Path) {
 }
 
 /// Dates a file an hour back, as a run's files are when it is rebuilt. A file written within
-/// the last 2 s is hashed again on every build by design (git's racy-timestamp rule), which
-/// a benchmark that copies and then immediately rebuilds would otherwise measure.
+/// the racy margin (100 ms with sub-second timestamps, else 2 s) is hashed again on every
+/// build by design (git's racy-timestamp rule), which a benchmark that copies and then
+/// immediately rebuilds would otherwise measure.
 fn written_an_hour_ago(path: &Path) {
     let f = std::fs::File::options().write(true).open(path).unwrap();
     f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
