@@ -93,3 +93,31 @@ pub fn python() -> PathBuf {
     let package = Path::new(env!("CARGO_MANIFEST_DIR"));
     package.ancestors().map(|d| d.join(".venv/bin/python")).find(|p| p.exists()).unwrap_or_else(|| package.join(".venv/bin/python"))
 }
+
+/// Runs `cmd` to completion (stdout and stderr captured) and returns its output with the
+/// child's peak resident memory in bytes, read from the kernel's accounting of that one
+/// process (`wait4`), so tests can bound what a crafted input makes mkonnx allocate.
+pub fn output_with_peak_rss(cmd: &mut Command) -> (Output, u64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).map(|_| v)
+    });
+    let mut stderr = Vec::new();
+    err.read_to_end(&mut stderr).expect("read stderr");
+    let stdout = out_reader.join().expect("stdout reader").expect("read stdout");
+    let mut status = 0;
+    // SAFETY: plain FFI; `rusage` is a C struct for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waits for our own child, which `Child` has not reaped (we never call wait on it).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024; // kilobytes on Linux
+    (Output { status: std::process::ExitStatus::from_raw(status), stdout, stderr }, peak)
+}
