@@ -97,7 +97,7 @@ fn main() {
     }
     // `make bench ONLY="convert noop"` (or `cargo bench --bench bench -- convert`) runs the
     // sections whose names contain one of the words: convert, ort, libtorch, coco, eval,
-    // noop, jobs.
+    // noop, fleet, jobs.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let tmp = tempfile::tempdir().unwrap();
@@ -307,6 +307,52 @@ fn main() {
             format!("target {}", if count == 1 { "20 ms" } else { "200 ms" }),
             (if noop.as_millis() < if count == 1 { 20 } else { 200 } { "met" } else { "missed" }).into(),
         );
+    }
+    // 7. A fleet of 1,000 runs with nothing to do: the whole `mkonnx build` process (plan,
+    // stat, store lookups, the fleet report) and `mkonnx report` over the same runs. The
+    // runs are hard links of one run, outputs included (1,000 copies of a 76 MB model would
+    // fill the disk); hard links share an inode, so the first build hashes each file once.
+    if wanted("fleet") {
+        let fleet = t.join("fleet");
+        let store = t.join("store-fleet");
+        let first = fleet.join("run0000");
+        copy_run(&src, &first);
+        let build_first = Command::new(mkonnx_bin())
+            .args(["build", first.to_str().unwrap(), "--image-input", sample.to_str().unwrap(), "--quiet"])
+            .env("MKONNX_STORE", &store)
+            .env("OMP_NUM_THREADS", "1")
+            .status()
+            .unwrap();
+        assert!(build_first.success());
+        let files = ["best_model.pth", ".hydra/config.yaml", "onnx_model/model.onnx", "onnx_model/conversion_summary.txt"];
+        let mut dirs = vec![first.to_str().unwrap().to_string()];
+        for i in 1..1000 {
+            let d = fleet.join(format!("run{i:04}"));
+            for f in files {
+                std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+                std::fs::hard_link(first.join(f), d.join(f)).unwrap();
+            }
+            dirs.push(d.to_str().unwrap().to_string());
+        }
+        let command = |verb: &str| {
+            let mut c = Command::new(mkonnx_bin());
+            c.arg(verb).args(&dirs).env("MKONNX_STORE", &store);
+            if verb == "build" {
+                c.args(["--image-input", sample.to_str().unwrap(), "--quiet"]);
+            }
+            c
+        };
+        time_process(&mut || command("build"), 1);
+        for verb in ["build", "report"] {
+            let (d, out) = time_process(&mut || command(verb), 5);
+            assert!(out.contains("1000 of 1000 run(s) ok"), "{out}");
+            row(
+                &format!("fleet: 1,000 runs, mkonnx {verb} with nothing to do (whole process)"),
+                format!("{:.1} ms", d.as_secs_f64() * 1e3),
+                "target 300 ms".into(),
+                (if d.as_millis() < 300 { "met" } else { "missed" }).into(),
+            );
+        }
     }
     let eight: Vec<String> = (0..8)
         .map(|i| {

@@ -19,3 +19,10 @@ pub mod model;
 pub mod onnx;
 pub mod runtime;
 pub mod stages;
+
+/// This build's identity: `mkonnx <version> (src <hash of the sources>, onnxruntime <v>,
+/// libtorch <v>)`, computed by `build.rs`. It enters every stage key, so results built by
+/// another build are never reused, and the PyTorch runner must report the same one.
+pub fn build_identity() -> &'static str {
+    env!("MKONNX_BUILD_IDENTITY")
+}

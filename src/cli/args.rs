@@ -22,6 +22,7 @@ const EXAMPLES: &str = "Examples:
   mkonnx build outputs/2026-02-02/15-15-47 --image-input sample.png
   mkonnx build outputs/*/* --dataset-dir data/triangles_dataset_small --evaluate-converted-model -j 2
   mkonnx status outputs/*/* --dataset-dir data/triangles_dataset_small --evaluate-converted-model
+  mkonnx report outputs/*/* --format markdown >> \"$GITHUB_STEP_SUMMARY\"
   mkonnx coco-eval ground_truth_coco.json onnx_predictions.json";
 
 /// The subcommands.
@@ -33,8 +34,14 @@ pub enum Command {
     Status(BuildArgs),
     /// Print the build graph of the runs as Graphviz DOT.
     Graph(BuildArgs),
+    /// Show the fleet report of runs (architecture, result, APs, verdict, error) from the
+    /// store, without building.
+    Report(ReportArgs),
     /// Delete store entries that no run refers to any more.
     Gc(StoreArgs),
+    /// Check every blob of the store against its hash (and the database's integrity);
+    /// damaged blobs are quarantined so the next build makes them again.
+    Verify(StoreArgs),
     /// COCO bbox evaluation of a results file against a ground truth, as pycocotools prints it.
     CocoEval(CocoEvalArgs),
 }
@@ -89,23 +96,41 @@ pub struct BuildArgs {
     pub visualizations: usize,
     /// Only predictions scoring at least this are drawn in the visualizations (the metrics
     /// use every detection).
-    #[arg(long, value_name = "SCORE", default_value_t = 0.3)]
+    #[arg(long, value_name = "SCORE", default_value_t = 0.3, value_parser = parse_score)]
     pub vis_score_thresh: f32,
     /// Stages to run at once (default: the number of CPUs).
-    #[arg(short = 'j', long = "jobs", value_name = "N")]
-    pub jobs: Option<usize>,
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
     /// Rebuild every stage even when it is fresh.
     #[arg(long)]
     pub force: bool,
     /// Show what would be rebuilt and why, without building (same as `mkonnx status`).
     #[arg(long)]
     pub dry_run: bool,
-    /// No progress bars or per-stage lines.
+    /// No progress bars, per-stage lines or per-run details (errors still go to stderr, and
+    /// a build of several runs still ends with its report).
     #[arg(short, long)]
     pub quiet: bool,
     /// Print a machine-readable JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Store options.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Options of `report`.
+#[derive(Debug, Args, Clone)]
+pub struct ReportArgs {
+    /// Training run directories, as given to `mkonnx build`.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub run_dirs: Vec<PathBuf>,
+    /// Output format: an aligned table, Markdown (CI job summaries) or JSON.
+    #[arg(long, value_enum, default_value_t = crate::cli::report::Format::Text)]
+    pub format: crate::cli::report::Format,
+    /// Checkpoint the runs were built from instead of <run_dir>/best_model.pth.
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint_path: Option<PathBuf>,
     /// Store options.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -133,5 +158,15 @@ impl BuildArgs {
             return Err("Either --image-input or --dataset-dir must be provided".into());
         }
         Ok(())
+    }
+}
+
+/// A score threshold: a number in [0, 1] (NaN and infinities refused, so that no two spellings
+/// of "nothing" reach a stage key as the same JSON `null`).
+fn parse_score(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not a score: use a number from 0 to 1")),
+        Err(e) => Err(format!("{e}: use a number from 0 to 1")),
     }
 }

@@ -1,13 +1,41 @@
 //! The `mkonnx` command line: argument handling, the store location, progress and reports.
 
+/// `println!` that never panics: a closed stdout (`mkonnx build ... | head`) drops the
+/// output, and the exit status still says how the build went.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` that never panics (see [`out!`]).
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics on a closed stderr.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod args;
+pub mod report;
 
 use crate::data::dataset::Dataset;
 use crate::data::run_dir::RunDir;
 use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome};
+use crate::eval::compare::Comparison;
+use crate::stages::parity::ParityReport;
 use crate::stages::{plan, BuildRequest, Device};
 use anyhow::Context;
-use args::{BuildArgs, Cli, Command, DeviceArg};
+use args::{BuildArgs, Cli, Command, DeviceArg, ReportArgs};
 use clap::Parser;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -19,7 +47,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            err!("Error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -30,23 +58,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Build(a) => build(&a, Mode::Build),
         Command::Status(a) => build(&a, Mode::Status),
         Command::Graph(a) => build(&a, Mode::Graph),
+        Command::Report(a) => report_command(&a),
         Command::Gc(s) => {
-            let engine = Engine::open(&store_dir(s.store.as_deref())?, tool_version())?;
+            let engine = Engine::open(&store_dir(s.store.as_deref())?, crate::build_identity())?;
             let r = engine.gc(&crate::engine::GcOptions { prune_missing: true })?;
-            println!(
-                "gc: {} result(s) and {} blob(s) deleted, {:.1} MB freed",
-                r.results_deleted,
-                r.blobs_deleted,
-                r.bytes_freed as f64 / 1e6
-            );
+            out!("gc: {} result(s) and {} blob(s) deleted, {:.1} MB freed", r.results_deleted, r.blobs_deleted, r.bytes_freed as f64 / 1e6);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(s) => {
+            let engine = Engine::open(&store_dir(s.store.as_deref())?, crate::build_identity())?;
+            let r = engine.store().verify_all()?;
+            out!(
+                "verify: {} blob(s), {:.1} MB checked in {}",
+                r.blobs_checked,
+                r.bytes_checked as f64 / 1e6,
+                engine.store().root().display()
+            );
+            for path in &r.corrupt {
+                err!("damaged: {} (moved to quarantine/; the next build makes it again)", path.display());
+            }
+            for path in &r.missing {
+                err!("missing: {} (forgotten; the next build makes it again)", path.display());
+            }
+            for line in &r.database_problems {
+                err!("database: {line}");
+            }
+            Ok(if r.clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::CocoEval(a) => {
             let m = crate::eval::coco::evaluate_files(&a.ground_truth, &a.predictions)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
+                out!("{}", serde_json::to_string_pretty(&m)?);
             } else {
-                print!("{}", crate::eval::coco::summary_text(&m));
+                out_raw!("{}", crate::eval::coco::summary_text(&m));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -58,11 +102,6 @@ enum Mode {
     Build,
     Status,
     Graph,
-}
-
-/// The version that enters every stage key: a new mkonnx rebuilds everything.
-fn tool_version() -> String {
-    format!("mkonnx {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// `--store`, else `$MKONNX_STORE`, else `$XDG_CACHE_HOME/mkonnx`, else `~/.cache/mkonnx`.
@@ -82,7 +121,7 @@ pub fn store_dir(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     if let Err(message) = a.validate() {
-        eprintln!("Error: {message}");
+        err!("Error: {message}");
         return Ok(ExitCode::from(2));
     }
     let dataset = match &a.dataset_dir {
@@ -96,19 +135,19 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
     // Runs whose inputs are missing fail alone; the others still build (make -k).
     let mut runs = Vec::new();
-    let mut failed_runs = Vec::new();
+    let mut unlocated = Vec::new();
     for dir in &a.run_dirs {
         match RunDir::locate(dir, a.checkpoint_path.as_deref()) {
-            Ok(r) => runs.push(r),
+            Ok(r) => runs.push((dir.as_path(), r)),
             Err(e) => {
-                eprintln!("Error: {e}");
-                failed_runs.push((dir.display().to_string(), e.to_string()));
+                err!("Error: {e}");
+                unlocated.push((dir.as_path(), e.to_string()));
             }
         }
     }
 
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let jobs = a.jobs.unwrap_or(cpus).max(1);
+    let jobs = a.jobs.map_or(cpus, usize::from);
     let threads = (cpus / jobs).max(1);
     let device = match a.device {
         DeviceArg::Cpu => Device::Cpu,
@@ -119,7 +158,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         }
     };
     let req = BuildRequest {
-        runs,
+        runs: runs.iter().map(|(_, r)| r.clone()).collect(),
         dataset,
         image_input: a.image_input.clone(),
         evaluate: a.evaluate_converted_model,
@@ -130,24 +169,30 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         visualizations: a.visualizations,
         vis_score_thresh: a.vis_score_thresh,
     };
-    let (graph, planned) = plan(&req)?;
-    let engine = Engine::open(&store_dir(a.store.store.as_deref())?, tool_version())?.with_jobs(jobs);
+    let (graph, planned) = plan(&req);
+    for (p, (dir, _)) in planned.iter().zip(&runs) {
+        if let Some(e) = &p.error {
+            err!("Error: {}: {e}", dir.display());
+        }
+    }
+    let engine = Engine::open(&store_dir(a.store.store.as_deref())?, crate::build_identity())?.with_jobs(jobs);
     let force = if a.force { Force::All } else { Force::Nothing };
 
     if mode == Mode::Graph {
         let status = engine.status(&graph, &force)?;
-        print!("{}", graph.to_dot(Some(&status)));
+        out_raw!("{}", graph.to_dot(Some(&status)));
         return Ok(ExitCode::SUCCESS);
     }
     if mode == Mode::Status || a.dry_run {
         let status = engine.status(&graph, &force)?;
-        print!("{status}");
+        out_raw!("{status}");
         return Ok(ExitCode::SUCCESS);
     }
 
     let quiet = a.quiet || a.json;
     // On a terminal: a progress bar over the graph's stages, with a line per stage built;
-    // elsewhere (CI logs): plain lines; with --quiet or --json: nothing.
+    // elsewhere (CI logs): plain lines; with --quiet or --json: nothing. Errors are printed
+    // once, after the build, whatever the mode.
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(graph.len() as u64);
         bar.set_style(
@@ -159,7 +204,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     });
     let say = |line: String| match &bar {
         Some(b) => b.println(line),
-        None => eprintln!("{line}"),
+        None => err!("{line}"),
     };
     let observer = |e: &BuildEvent<'_>| {
         if quiet {
@@ -168,7 +213,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         match e {
             BuildEvent::Started { node } => match &bar {
                 Some(b) => b.set_message(format!("running {}", graph.display_name(*node))),
-                None => eprintln!("  running  {}", graph.display_name(*node)),
+                None => err!("  running  {}", graph.display_name(*node)),
             },
             BuildEvent::Finished { node, outcome } => {
                 if let Some(b) = &bar {
@@ -176,7 +221,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
                 }
                 match outcome {
                     Outcome::Built { duration } => say(format!("  built    {} ({:.1?})", graph.display_name(*node), duration)),
-                    Outcome::Failed { error } => say(format!("  FAILED   {}: {error:#}", graph.display_name(*node))),
+                    Outcome::Failed { .. } => say(format!("  FAILED   {}", graph.display_name(*node))),
                     _ => {}
                 }
             }
@@ -187,84 +232,65 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         b.finish_and_clear();
     }
 
-    let mut all_ok = failed_runs.is_empty();
-    let mut json_runs = Vec::new();
-    for (run, p) in req.runs.iter().zip(&planned) {
-        let nodes: Vec<_> = report.nodes.iter().filter(|n| n.labels.contains(&p.label)).collect();
-        let ok = nodes.iter().all(|n| n.outcome.is_ok());
-        all_ok &= ok;
-        let parity_failed = p.parity.is_some_and(|h| matches!(report.get(h).outcome, Outcome::Failed { .. }));
-        if parity_failed && !a.keep_failed_parity {
-            // A model that disagrees with PyTorch is not left where deployments pick it up.
-            let _ = std::fs::remove_file(run.onnx_dir().join("model.onnx"));
+    let dirs: Vec<&Path> = runs.iter().map(|(d, _)| *d).collect();
+    let saved = report::saved_rows(&engine, &dirs)?;
+    let mut rows = Vec::new();
+    let mut changed = Vec::new();
+    for (((dir, run), p), saved) in runs.iter().zip(&planned).zip(saved) {
+        let row = report::build_row(&engine, &report, &dir.display().to_string(), p, saved.clone());
+        if let Some(error) = &row.error {
+            if p.error.is_none() {
+                err!("Error: {}: {error}", dir.display());
+            }
         }
-        let built = nodes.iter().filter(|n| matches!(n.outcome, Outcome::Built { .. })).count();
-        let fresh = nodes.iter().filter(|n| matches!(n.outcome, Outcome::Fresh | Outcome::Restored { .. })).count();
-        let parity = p.parity.and_then(|h| read_artifact::<crate::stages::parity::ParityReport>(&engine, &report, h, "parity.json"));
-        let comparison = p.compare.and_then(|h| read_artifact::<crate::eval::compare::Comparison>(&engine, &report, h, "comparison.json"));
+        if saved.as_ref() != Some(&row) {
+            changed.push((*dir, rows.len()));
+        }
         if !quiet {
-            println!("{} {}: {} stage(s) built, {} fresh", if ok { "✓" } else { "✗" }, p.label, built, fresh);
-            if ok {
-                println!("  model: {}", run.onnx_dir().join("model.onnx").display());
+            let mark = if row.result == report::RunResult::Ok { "✓" } else { "✗" };
+            out!("{mark} {}: {} stage(s) built, {} fresh", dir.display(), row.stages_built, row.stages_fresh);
+            if p.publish.is_some_and(|h| report.get(h).outcome.is_ok()) {
+                out!("  model: {}", run.onnx_dir().join("model.onnx").display());
             }
-            if let Some(par) = &parity {
-                println!("  {}", par.line());
+            if let Some(par) = p.parity.and_then(|h| report::read_artifact::<ParityReport>(&engine, &report, h, "parity.json")) {
+                out!("  {}", par.line());
             }
-            if let Some(c) = &comparison {
+            if let Some(c) = p.compare.and_then(|h| report::read_artifact::<Comparison>(&engine, &report, h, "comparison.json")) {
                 for line in c.table().lines() {
-                    println!("  {line}");
-                }
-            }
-            for n in nodes.iter().filter(|n| !n.outcome.is_ok()) {
-                if let Outcome::Failed { error } = &n.outcome {
-                    println!("  failed: {}: {error:#}", n.name);
+                    out!("  {line}");
                 }
             }
         }
-        json_runs.push(serde_json::json!({
-            "run": p.label, "ok": ok, "stages_built": built, "stages_fresh": fresh,
-            "onnx_model": run.onnx_dir().join("model.onnx"),
-            "parity": parity, "comparison": comparison,
-            "stages": nodes.iter().map(|n| serde_json::json!({ "stage": n.stage, "outcome": outcome_name(&n.outcome) })).collect::<Vec<_>>(),
-            "errors": nodes.iter().filter_map(|n| match &n.outcome { Outcome::Failed { error } => Some(format!("{}: {error:#}", n.name)), _ => None }).collect::<Vec<_>>(),
-        }));
+        rows.push(row);
     }
-    for (dir, e) in &failed_runs {
-        json_runs.push(serde_json::json!({ "run": dir, "ok": false, "errors": [e] }));
+    for (dir, error) in &unlocated {
+        changed.push((*dir, rows.len()));
+        rows.push(report::RunRow::failed(&dir.display().to_string(), error.clone()));
     }
+    let to_save: Vec<(&Path, &report::RunRow)> = changed.iter().map(|(dir, i)| (*dir, &rows[*i])).collect();
+    if let Err(e) = report::save_rows(&engine, &to_save) {
+        // The build itself is done; only `mkonnx report` loses these rows.
+        err!("warning: could not save the run reports in the store: {e:#}");
+    }
+
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "ok": all_ok, "runs": json_runs, "elapsed_s": report.elapsed.as_secs_f64() })
-            )?
-        );
+        let mut json: serde_json::Value = serde_json::from_str(&report::render(&rows, report::Format::Json))?;
+        json["elapsed_s"] = report.elapsed.as_secs_f64().into();
+        out!("{}", serde_json::to_string_pretty(&json)?);
+    } else if a.run_dirs.len() > 1 {
+        out_raw!("\n{}", report::render(&rows, report::Format::Text));
     } else if !quiet {
-        let n = a.run_dirs.len();
-        println!("{} of {n} run(s) succeeded in {:.1?}", n - json_runs.iter().filter(|r| r["ok"] == false).count(), report.elapsed);
+        let ok = rows.iter().filter(|r| r.result == report::RunResult::Ok).count();
+        out!("{ok} of {} run(s) succeeded in {:.1?}", rows.len(), report.elapsed);
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// One word per outcome, for `--json`.
-fn outcome_name(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Fresh => "fresh",
-        Outcome::Restored { .. } => "restored",
-        Outcome::Built { .. } => "built",
-        Outcome::Failed { .. } => "failed",
-        Outcome::Skipped { .. } => "skipped",
-    }
-}
-
-/// Reads a JSON artifact of a node that built or was fresh in this report.
-fn read_artifact<T: for<'de> serde::Deserialize<'de>>(
-    engine: &Engine,
-    report: &crate::engine::BuildReport,
-    node: crate::engine::NodeHandle,
-    artifact: &str,
-) -> Option<T> {
-    let key = report.get(node).key?;
-    let bytes = engine.store().read_artifact(&key, artifact).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// `mkonnx report`: the saved rows of the runs, checked against their inputs now.
+fn report_command(a: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let engine = Engine::open(&store_dir(a.store.store.as_deref())?, crate::build_identity())?;
+    let runs: Vec<&Path> = a.run_dirs.iter().map(PathBuf::as_path).collect();
+    let rows = report::report_rows(&engine, &runs, a.checkpoint_path.as_deref())?;
+    out_raw!("{}", report::render(&rows, a.format));
+    Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -14,6 +14,70 @@ pub enum RunDirError {
     /// No Hydra config at the expected path.
     #[error("Hydra config not found: {0}")]
     ConfigNotFound(PathBuf),
+    /// The path exists but is not what a run holds there (a file where the run directory
+    /// should be, a directory or FIFO where the checkpoint should be).
+    #[error("{what} is not a {expected}: {} is a {found}", path.display())]
+    WrongKind {
+        /// "Run directory", "Checkpoint" or "Hydra config".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// "directory" or "regular file".
+        expected: &'static str,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// The path cannot be looked at (a symlink loop, no permission).
+    #[error("{what} cannot be read: {}: {source}", path.display())]
+    Unreadable {
+        /// "Run directory", "Checkpoint" or "Hydra config".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// What a path must be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// Checks that `path` is a `kind` (following symlinks): missing is `missing(path)`, anything
+/// else wrong says what the path is instead, so a FIFO or a symlink loop is never "not found".
+fn check_kind(path: &Path, kind: Kind, what: &'static str, missing: fn(PathBuf) -> RunDirError) -> Result<(), RunDirError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing(path.to_path_buf())),
+        Err(source) => return Err(RunDirError::Unreadable { what, path: path.to_path_buf(), source }),
+    };
+    let ft = meta.file_type();
+    let ok = match kind {
+        Kind::Dir => ft.is_dir(),
+        Kind::File => ft.is_file(),
+    };
+    if ok {
+        return Ok(());
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let found = if ft.is_dir() {
+        "directory"
+    } else if ft.is_file() {
+        "regular file"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    };
+    let expected = if kind == Kind::Dir { "directory" } else { "regular file" };
+    Err(RunDirError::WrongKind { what, path: path.to_path_buf(), expected, found })
 }
 
 /// The inputs of one run.
@@ -34,21 +98,15 @@ impl RunDir {
     /// Locates a run's checkpoint and config; `checkpoint` overrides `<root>/best_model.pth`
     /// (relative paths are taken from the current directory, as the shell script did).
     pub fn locate(root: &Path, checkpoint: Option<&Path>) -> Result<RunDir, RunDirError> {
-        if !root.is_dir() {
-            return Err(RunDirError::RunDirNotFound(root.to_path_buf()));
-        }
+        check_kind(root, Kind::Dir, "Run directory", RunDirError::RunDirNotFound)?;
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
         let checkpoint = match checkpoint {
             Some(c) => std::path::absolute(c).unwrap_or_else(|_| c.to_path_buf()),
             None => root.join(DEFAULT_CHECKPOINT),
         };
-        if !checkpoint.is_file() {
-            return Err(RunDirError::CheckpointNotFound(checkpoint));
-        }
+        check_kind(&checkpoint, Kind::File, "Checkpoint", RunDirError::CheckpointNotFound)?;
         let config = root.join(".hydra").join("config.yaml");
-        if !config.is_file() {
-            return Err(RunDirError::ConfigNotFound(config));
-        }
+        check_kind(&config, Kind::File, "Hydra config", RunDirError::ConfigNotFound)?;
         Ok(RunDir { root, checkpoint, config })
     }
 
@@ -82,6 +140,32 @@ mod tests {
         let e = RunDir::locate(dir.path(), None).unwrap_err();
         assert!(e.to_string().starts_with("Hydra config not found: "), "{e}");
         assert!(e.to_string().ends_with("config.yaml"));
+    }
+
+    #[test]
+    fn odd_files_say_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not_a_dir");
+        std::fs::write(&file, b"x").unwrap();
+        let e = RunDir::locate(&file, None).unwrap_err().to_string();
+        assert!(e.starts_with("Run directory is not a directory: ") && e.ends_with("is a regular file"), "{e}");
+
+        let ckpt = dir.path().join(DEFAULT_CHECKPOINT);
+        std::fs::create_dir(&ckpt).unwrap();
+        let e = RunDir::locate(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("Checkpoint is not a regular file") && e.ends_with("is a directory"), "{e}");
+        std::fs::remove_dir(&ckpt).unwrap();
+
+        let fifo = std::ffi::CString::new(ckpt.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we own, with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let e = RunDir::locate(dir.path(), None).unwrap_err().to_string();
+        assert!(e.ends_with("is a FIFO"), "{e}");
+        std::fs::remove_file(&ckpt).unwrap();
+
+        std::os::unix::fs::symlink(&ckpt, &ckpt).unwrap();
+        let e = RunDir::locate(dir.path(), None).unwrap_err().to_string();
+        assert!(e.starts_with("Checkpoint cannot be read: ") && e.contains("symbolic links"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 
-use super::graph::{Graph, Node, NodeHandle};
+use super::graph::{Graph, Node, NodeHandle, PlannedCopy};
 use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
 use super::stage::{HashedFile, StageContext};
 use super::stat_cache::{Clock, FileHasher, FileStat, SystemClock, RACY_MARGIN_NS};
@@ -114,6 +114,8 @@ pub struct NodeReport {
     pub labels: Vec<String>,
     /// Its key, when its inputs could be hashed.
     pub key: Option<Hash>,
+    /// Content hashes of its file inputs, by input name (those that could be hashed).
+    pub file_hashes: Vec<(String, Hash)>,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -217,11 +219,12 @@ struct Finished {
     done: Done,
     outcome: Outcome,
     key: Option<Hash>,
+    file_hashes: Vec<(String, Hash)>,
 }
 
 impl Finished {
     fn failed(h: NodeHandle, key: Option<Hash>, error: anyhow::Error) -> Self {
-        Finished { done: Done::Failed { root: h }, outcome: Outcome::Failed { error: Arc::new(error) }, key }
+        Finished { done: Done::Failed { root: h }, outcome: Outcome::Failed { error: Arc::new(error) }, key, file_hashes: Vec::new() }
     }
 }
 
@@ -241,9 +244,15 @@ struct BuildCx<'a> {
     wake: Condvar,
 }
 
-/// A materialization failed because the store's copy is bad.
+/// An attempt at a node failed because the store's copy of something is bad.
 enum MatError {
+    /// A blob of the node's own result (found while materializing it).
     CorruptBlob(Hash),
+    /// A blob of an upstream's result that the stage was about to read.
+    CorruptInput {
+        upstream: NodeHandle,
+        blob: Hash,
+    },
     Other(EngineError),
 }
 
@@ -287,6 +296,20 @@ impl Engine {
     /// The tool version in every key.
     pub fn tool_version(&self) -> &str {
         &self.tool_version
+    }
+
+    /// Content hashes of files, through the store's stat cache (an unchanged file is not
+    /// read again); one result per path.
+    pub fn hash_files(&self, paths: &[&Path]) -> Result<Vec<Result<Hash, EngineError>>, EngineError> {
+        let hasher = self.new_hasher();
+        let hashes = paths.iter().map(|p| hasher.hash(p).map(|(h, _)| h)).collect();
+        hasher.flush()?;
+        Ok(hashes)
+    }
+
+    /// The engine's clock, in nanoseconds since the epoch (for records written beside a build).
+    pub fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
     }
 
     pub(crate) fn new_hasher(&self) -> FileHasher {
@@ -344,6 +367,7 @@ impl Engine {
                     stage: graph.stage_name(h),
                     labels: graph.labels(h).to_vec(),
                     key: f.key,
+                    file_hashes: f.file_hashes,
                     outcome: f.outcome,
                 }
             })
@@ -370,6 +394,10 @@ impl Engine {
             // worker would wait for it forever.
             let finished = catch_unwind(AssertUnwindSafe(|| self.process(cx, h)))
                 .unwrap_or_else(|p| Finished::failed(h, None, anyhow!("internal error: {}", panic_message(&*p))));
+            if !finished.outcome.is_ok() {
+                // What it published for earlier inputs does not belong to the inputs now.
+                self.withdraw_outputs(cx, h, &[]);
+            }
             if let Some(observer) = cx.opts.observer {
                 let _ = catch_unwind(AssertUnwindSafe(|| observer(&BuildEvent::Finished { node: h, outcome: &finished.outcome })));
             }
@@ -396,7 +424,12 @@ impl Engine {
                     upstream.push(Upstream { input: input.as_str(), node: *up, output_hash: *output_hash, artifacts: artifacts.clone() })
                 }
                 Some(Done::Failed { root }) => {
-                    return Finished { done: Done::Failed { root: *root }, outcome: Outcome::Skipped { because: *root }, key: None };
+                    return Finished {
+                        done: Done::Failed { root: *root },
+                        outcome: Outcome::Skipped { because: *root },
+                        key: None,
+                        file_hashes: Vec::new(),
+                    };
                 }
                 None => return Finished::failed(h, None, anyhow!("internal error: upstream {} not finished", up.0)),
             }
@@ -408,19 +441,37 @@ impl Engine {
                 Err(e) => return Finished::failed(h, None, anyhow::Error::new(e).context(format!("input {name:?}"))),
             }
         }
-        let key = self.key_of(node, &files, upstream.iter().map(|u| (u.input, u.output_hash)));
+        let mut key = self.key_of(node, &files, upstream.iter().map(|u| (u.input, u.output_hash)));
         let forced = cx.opts.force.contains(h);
-        // A corrupt blob found while materializing is forgotten and the node tried again,
-        // which rebuilds it; twice is enough unless the disk keeps corrupting files.
+        // A corrupt blob is quarantined and forgotten, and whoever made it is built again:
+        // this node when its own result was bad, the upstream when a blob this stage was
+        // about to read was. Twice is enough unless the disk keeps corrupting files.
         let mut last_error = None;
         for _ in 0..3 {
             match self.attempt(cx, h, node, &files, &upstream, key, forced) {
-                Ok(f) => return f,
+                Ok(mut f) => {
+                    f.file_hashes = files.iter().map(|f| (f.name.clone(), f.hash)).collect();
+                    return f;
+                }
                 Err(MatError::CorruptBlob(blob)) => {
                     if let Err(e) = self.store.forget_blob(&blob) {
                         return Finished::failed(h, Some(key), e.into());
                     }
                     last_error = Some(EngineError::CorruptBlob { path: self.store.blob_path(&blob) });
+                }
+                Err(MatError::CorruptInput { upstream: up, blob }) => {
+                    if let Err(e) = self.store.forget_blob(&blob) {
+                        return Finished::failed(h, Some(key), e.into());
+                    }
+                    last_error = Some(EngineError::CorruptBlob { path: self.store.blob_path(&blob) });
+                    let Done::Ok { output_hash, artifacts } = self.process(cx, up).done else {
+                        let what = cx.graph.display_name(up);
+                        return Finished::failed(h, Some(key), anyhow!("{what} was damaged in the store, and building it again failed"));
+                    };
+                    for u in upstream.iter_mut().filter(|u| u.node == up) {
+                        (u.output_hash, u.artifacts) = (output_hash, artifacts.clone());
+                    }
+                    key = self.key_of(node, &files, upstream.iter().map(|u| (u.input, u.output_hash)));
                 }
                 Err(MatError::Other(e)) => return Finished::failed(h, Some(key), e.into()),
             }
@@ -468,6 +519,12 @@ impl Engine {
                 stored = lookup(&self.store).map_err(MatError::Other)?;
             }
             if stored.is_none() {
+                // Every stored byte the stage may read is checked first (once per process).
+                for u in upstream {
+                    if let Some(blob) = u.artifacts.values().find(|b| self.store.verify_blob(b).is_err()) {
+                        return Err(MatError::CorruptInput { upstream: u.node, blob: *blob });
+                    }
+                }
                 if let Some(observer) = cx.opts.observer {
                     observer(&BuildEvent::Started { node: h });
                 }
@@ -488,6 +545,7 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
         };
+        self.withdraw_outputs(cx, h, &plan);
         let mut restored = Vec::new();
         for (dest, _, blob) in &plan {
             if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == *blob) {
@@ -547,7 +605,36 @@ impl Engine {
             None if restored.is_empty() => Outcome::Fresh,
             None => Outcome::Restored { paths: restored },
         };
-        Ok(Finished { done: Done::Ok { output_hash: result.output_hash, artifacts: Arc::new(result.artifacts) }, outcome, key: Some(key) })
+        Ok(Finished {
+            done: Done::Ok { output_hash: result.output_hash, artifacts: Arc::new(result.artifacts) },
+            outcome,
+            key: Some(key),
+            file_hashes: Vec::new(),
+        })
+    }
+
+    /// Removes the files node `h` materialized at its last successful build that `keep` no
+    /// longer writes, among the destinations it owns in this graph (its files, and what lies
+    /// in its directories), when their content is still what the store wrote (a file the
+    /// user replaced is theirs). A failed node keeps nothing, so a run directory never shows
+    /// a model or an evaluation of other inputs; a rebuild with `--visualizations 2` after 8
+    /// leaves 2 pictures. Best effort: a file that cannot be removed stays, and the store is
+    /// not touched.
+    fn withdraw_outputs(&self, cx: &BuildCx<'_>, h: NodeHandle, keep: &[PlannedCopy]) {
+        let node = cx.graph.node(h);
+        if node.materializations.is_empty() {
+            return;
+        }
+        let Ok(Some(previous)) = self.store.node_record(&node.id.0) else { return };
+        for m in &previous.materializations {
+            let dest = Path::new(&m.dest);
+            if !node.owns(dest) || keep.iter().any(|(d, _, _)| d == dest) || cx.graph.writer_of(dest).is_some_and(|w| w != h) {
+                continue;
+            }
+            if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == m.blob) {
+                let _ = fs::remove_file(dest);
+            }
+        }
     }
 
     /// Runs the stage in a scratch directory and commits its outputs to the store.
@@ -577,6 +664,7 @@ impl Engine {
             temp_dir,
             outputs: BTreeSet::new(),
             written: BTreeMap::new(),
+            reused: BTreeMap::new(),
         };
         let start = Instant::now();
         match catch_unwind(AssertUnwindSafe(|| node.stage.run(&mut ctx))) {
@@ -592,7 +680,7 @@ impl Engine {
                 return Err(EngineError::InputChangedDuringBuild { input: f.name.clone(), path: f.path.clone() }.into());
             }
         }
-        let (names, written) = (ctx.outputs, ctx.written);
+        let (names, written, reused) = (ctx.outputs, ctx.written, ctx.reused);
         for name in &names {
             let path = out_dir.join(name);
             if !path.is_file() {
@@ -604,6 +692,12 @@ impl Engine {
         for name in &names {
             let (hash, size) = self.store.commit_blob(&out_dir.join(name), written.get(name).copied())?;
             artifacts.insert(name.clone(), hash);
+            sizes.insert(hash, size);
+        }
+        for (name, hash) in reused {
+            let blob = self.store.blob_path(&hash);
+            let size = fs::metadata(&blob).map_err(|e| EngineError::io("stat", &blob, e))?.len();
+            artifacts.insert(name, hash);
             sizes.insert(hash, size);
         }
         // Checked before the result is recorded, so a stage that forgot an artifact the

@@ -148,6 +148,15 @@ pub(crate) struct Node {
 pub(crate) type PlannedCopy = (PathBuf, String, Hash);
 
 impl Node {
+    /// Whether `dest` is one of this node's destinations: a file it materializes, or a path
+    /// inside a directory it materializes into.
+    pub(crate) fn owns(&self, dest: &Path) -> bool {
+        self.materializations.iter().any(|m| match m {
+            Materialize::File { dest: d, .. } => d == dest,
+            Materialize::Dir { dest_dir, .. } => dest.starts_with(dest_dir),
+        })
+    }
+
     /// The files to write for a result with these artifacts.
     pub(crate) fn materialization_plan(&self, artifacts: &BTreeMap<String, Hash>) -> Result<Vec<PlannedCopy>, EngineError> {
         let mut plan = Vec::new();
@@ -337,6 +346,11 @@ impl Graph {
             self.dests.insert(dest_of(m), handle);
         }
         Ok(())
+    }
+
+    /// The node of this graph that materializes `dest`, if any.
+    pub(crate) fn writer_of(&self, dest: &Path) -> Option<NodeHandle> {
+        self.dests.get(dest).copied()
     }
 
     /// Number of nodes.

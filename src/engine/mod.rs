@@ -101,7 +101,7 @@ pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
 pub use stage::{Stage, StageContext};
 pub use stat_cache::{Clock, FileStat, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
-pub use store::Store;
+pub use store::{Store, VerifyReport};
 
 /// What can go wrong in the engine itself (as opposed to inside a stage, whose errors
 /// are `anyhow::Error`s reported per node in [`Outcome::Failed`]).
@@ -269,6 +269,30 @@ pub enum EngineError {
         /// The blob's path in the store.
         path: PathBuf,
     },
+    /// The store's SQLite index is damaged (a truncated or overwritten file).
+    #[error(
+        "store database {db} is damaged ({source}). Run directories are intact; to recover, move the \
+         index aside and build again (stages rerun and refill the store): mv {db} {db}.damaged, or use \
+         another store (--store DIR). `mkonnx verify` checks the blobs of a store that opens",
+        db = path.display()
+    )]
+    CorruptDatabase {
+        /// Path of `store.sqlite`.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The store could be opened only read-only, and this needs to write it.
+    #[error(
+        "store {} is read-only for this user: results in it are used, but a stage that must run \
+         cannot be recorded (or its schema is older than this mkonnx); use a writable store (--store DIR)",
+        path.display()
+    )]
+    ReadOnlyStore {
+        /// The store's directory.
+        path: PathBuf,
+    },
     /// A path is not valid UTF-8, which the store's records require.
     #[error("path is not valid UTF-8: {}", path.display())]
     NonUtf8Path {
@@ -278,6 +302,30 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// Whether this is the operating system or SQLite refusing to write (a read-only store).
+    pub(crate) fn is_permission_problem(&self) -> bool {
+        match self {
+            EngineError::Io { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
+            }
+            EngineError::Sqlite { source, .. } => {
+                matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen))
+            }
+            _ => false,
+        }
+    }
+
+    /// A SQLite error on the store's database: [`EngineError::CorruptDatabase`] when SQLite
+    /// says the file is damaged or not a database, else [`EngineError::Sqlite`].
+    pub(crate) fn sqlite(path: &std::path::Path, source: rusqlite::Error) -> Self {
+        let damaged = matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase));
+        if damaged {
+            EngineError::CorruptDatabase { path: path.to_path_buf(), source }
+        } else {
+            EngineError::Sqlite { path: path.to_path_buf(), source }
+        }
+    }
+
     /// Shorthand for [`EngineError::Io`].
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io { op, path: path.into(), source }

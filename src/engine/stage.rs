@@ -63,6 +63,9 @@ pub struct StageContext<'a> {
     /// [`StageContext::write_output_with`]: hashed as they were written, so committing them
     /// need not read them back.
     pub(crate) written: BTreeMap<String, (Hash, u64)>,
+    /// Outputs that are an upstream's artifact as it is (see
+    /// [`StageContext::reuse_input_artifact`]): name -> blob hash already in the store.
+    pub(crate) reused: BTreeMap<String, Hash>,
 }
 
 impl StageContext<'_> {
@@ -161,6 +164,7 @@ impl StageContext<'_> {
         self.outputs.insert(name.to_string());
         // The caller may write anything there: forget a hash taken from earlier bytes.
         self.written.remove(name);
+        self.reused.remove(name);
         Ok(path)
     }
 
@@ -186,6 +190,18 @@ impl StageContext<'_> {
         let mut out = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new(), len: 0 };
         write(&mut out).and_then(|()| std::io::Write::flush(&mut out)).map_err(|e| EngineError::io("write", &path, e))?;
         self.written.insert(name.to_string(), (out.hasher.finalize().into(), out.len));
+        Ok(())
+    }
+
+    /// Declares output artifact `name` to be artifact `artifact` of node input `input`, byte
+    /// for byte, without copying it: a stage that only decides whether an upstream's output
+    /// goes on (publishing a model that passed its parity check) costs no I/O.
+    pub fn reuse_input_artifact(&mut self, input: &str, artifact: &str, name: &str) -> Result<(), EngineError> {
+        validate_artifact_name(self.stage, name)?;
+        let hash = self.input_artifact_hash(input, artifact)?;
+        self.outputs.remove(name);
+        self.written.remove(name);
+        self.reused.insert(name.to_string(), hash);
         Ok(())
     }
 

@@ -49,7 +49,7 @@ fn system_time_ns(t: SystemTime) -> i64 {
 }
 
 /// The parts of a file's metadata that change when its content may have changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileStat {
     /// Length in bytes.
     pub size: u64,
@@ -122,6 +122,10 @@ pub(crate) struct FileHasher {
     clock: Arc<dyn Clock>,
     margin_ns: i64,
     pending: Mutex<HashMap<PathBuf, StatRecord>>,
+    /// Records of the files read by this hasher, by their stat: another path with the same
+    /// inode, size, mtime and ctime is a hard link to the same bytes (a fleet of runs that
+    /// share one checkpoint file), so it is not read again.
+    by_stat: Mutex<HashMap<FileStat, StatRecord>>,
     files_read: AtomicUsize,
     bytes_read: AtomicU64,
 }
@@ -133,6 +137,7 @@ impl FileHasher {
             clock,
             margin_ns,
             pending: Mutex::new(HashMap::new()),
+            by_stat: Mutex::new(HashMap::new()),
             files_read: AtomicUsize::new(0),
             bytes_read: AtomicU64::new(0),
         }
@@ -147,6 +152,11 @@ impl FileHasher {
                 return Ok((record.hash, stat));
             }
         }
+        let linked = self.by_stat.lock().unwrap_or_else(PoisonError::into_inner).get(&stat).copied();
+        if let Some(record) = linked {
+            self.remember(path, record);
+            return Ok((record.hash, stat));
+        }
         let hash = hash_file(path).map_err(|e| EngineError::io("read", path, e))?;
         self.files_read.fetch_add(1, Ordering::Relaxed);
         self.bytes_read.fetch_add(stat.size, Ordering::Relaxed);
@@ -154,7 +164,9 @@ impl FileHasher {
         // A file that changed while being read has no well-defined hash to cache; the
         // hash is still returned, and whoever uses it re-checks the stat afterwards.
         if after == stat {
-            self.remember(path, StatRecord { stat, hash, recorded_ns: before });
+            let record = StatRecord { stat, hash, recorded_ns: before };
+            self.remember(path, record);
+            self.by_stat.lock().unwrap_or_else(PoisonError::into_inner).insert(stat, record);
         }
         Ok((hash, stat))
     }

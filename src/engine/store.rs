@@ -65,6 +65,12 @@ const MIGRATIONS: &[&str] = &[
         hash TEXT NOT NULL,
         recorded_ns INTEGER NOT NULL
     );",
+    // 2: the last report of each run (label), for `mkonnx report` without building.
+    "CREATE TABLE run_reports (
+        run TEXT PRIMARY KEY,
+        report TEXT NOT NULL,
+        updated_ns INTEGER NOT NULL
+    );",
 ];
 
 /// How long a writer waits for another process's transaction before giving up.
@@ -74,6 +80,28 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
 const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
 
 static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// What [`Store::verify_all`] found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Blobs whose bytes were hashed.
+    pub blobs_checked: usize,
+    /// Their total size.
+    pub bytes_checked: u64,
+    /// Blobs whose bytes did not match their hash (now in `quarantine/`).
+    pub corrupt: Vec<PathBuf>,
+    /// Blobs the database recorded but the disk did not have.
+    pub missing: Vec<PathBuf>,
+    /// What SQLite's integrity check reported, if not "ok".
+    pub database_problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether nothing was wrong.
+    pub fn clean(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty() && self.database_problems.is_empty()
+    }
+}
 
 /// What the store knows about one built key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,14 +150,21 @@ pub struct Store {
     root: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
-    session_dir: PathBuf,
-    session_lock_path: PathBuf,
-    /// Held for the store's lifetime; tells other processes the session dir is in use.
-    _session_lock: File,
+    /// This process's scratch space; `None` when the store is read-only.
+    session: Option<Session>,
     scratch_counter: AtomicU64,
-    /// Blobs this process moved into the store (after hashing what it wrote), with their stat
-    /// then: restoring one whose stat is unchanged needs no verification read.
-    committed: Mutex<std::collections::HashMap<Hash, FileStat>>,
+    /// Blobs whose bytes this process knows to match their hash (it wrote them, or read and
+    /// hashed them), with their stat then: one whose stat is unchanged is not read again.
+    /// Known only per process: a bit flipped on disk changes no stat, so nothing persists.
+    verified: Mutex<std::collections::HashMap<Hash, FileStat>>,
+}
+
+/// A process's scratch directory in the store and the lock that says it is alive.
+struct Session {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    /// Held for the store's lifetime; tells other processes the session dir is in use.
+    _lock: File,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,15 +175,69 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if needed) the store in `root`, migrates its schema and removes the
-    /// scratch files of processes that died.
+    /// scratch files of processes that died. A store this process may not write (a shared
+    /// cache mounted read-only, another user's) opens read-only, as sccache and ccache fall
+    /// back: everything fresh in it is used, and only a stage that must run fails.
     pub fn open(root: &Path) -> Result<Store, EngineError> {
+        match Store::open_writable(root) {
+            Err(e) if e.is_permission_problem() && root.join("store.sqlite").is_file() => Store::open_read_only(root),
+            other => other,
+        }
+    }
+
+    /// Whether this store was opened read-only (see [`Store::open`]).
+    pub fn is_read_only(&self) -> bool {
+        self.session.is_none()
+    }
+
+    fn read_only_error(&self) -> EngineError {
+        EngineError::ReadOnlyStore { path: self.root.clone() }
+    }
+
+    pub(crate) fn open_read_only(root: &Path) -> Result<Store, EngineError> {
+        let root = fs::canonicalize(root).map_err(|e| EngineError::io("resolve", root, e))?;
+        let db_path = root.join("store.sqlite");
+        let sql = |e| EngineError::sqlite(&db_path, e);
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        // mode=ro still needs the WAL index (-shm) to exist or be creatable; where neither is
+        // possible, immutable=1 reads the file as it is (no other process can write it
+        // either, or we would have the permission too, as a rule).
+        let mut last = None;
+        for query in ["mode=ro", "immutable=1"] {
+            let uri = format!("file:{}?{query}", db_path.display());
+            let attempt = Connection::open_with_flags(&uri, flags).and_then(|c| {
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                let v: u32 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                Ok((c, v))
+            });
+            match attempt {
+                Ok((conn, version)) => {
+                    if version as usize != MIGRATIONS.len() {
+                        return Err(EngineError::ReadOnlyStore { path: root.clone() });
+                    }
+                    return Ok(Store {
+                        root,
+                        db_path,
+                        conn: Mutex::new(conn),
+                        session: None,
+                        scratch_counter: AtomicU64::new(0),
+                        verified: Mutex::new(std::collections::HashMap::new()),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(sql(last.expect("two attempts were made")))
+    }
+
+    fn open_writable(root: &Path) -> Result<Store, EngineError> {
         for sub in ["", "blobs", "tmp", "locks"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
         }
         let root = fs::canonicalize(root).map_err(|e| EngineError::io("resolve", root, e))?;
         let db_path = root.join("store.sqlite");
-        let sql = |e| EngineError::Sqlite { path: db_path.clone(), source: e };
+        let sql = |e| EngineError::sqlite(&db_path, e);
         let mut conn = Connection::open(&db_path).map_err(sql)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         // Switching a new database to WAL, and its first migration, can report SQLITE_BUSY
@@ -165,16 +254,13 @@ impl Store {
         }
 
         let tmp = root.join("tmp");
-        let (session_dir, session_lock_path, session_lock) = new_session(&tmp)?;
         let store = Store {
             root,
             db_path,
             conn: Mutex::new(conn),
-            session_dir,
-            session_lock_path,
-            _session_lock: session_lock,
+            session: Some(new_session(&tmp)?),
             scratch_counter: AtomicU64::new(0),
-            committed: Mutex::new(std::collections::HashMap::new()),
+            verified: Mutex::new(std::collections::HashMap::new()),
         };
         store.remove_dead_sessions();
         Ok(store)
@@ -199,7 +285,7 @@ impl Store {
     /// Runs `f` on the connection, mapping errors to [`EngineError::Sqlite`].
     pub(crate) fn db<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, EngineError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut conn).map_err(|e| EngineError::Sqlite { path: self.db_path.clone(), source: e })
+        f(&mut conn).map_err(|e| EngineError::sqlite(&self.db_path, e))
     }
 
     fn corrupt(&self, what: String) -> EngineError {
@@ -212,8 +298,9 @@ impl Store {
 
     /// A fresh, empty directory in this process's scratch space.
     pub(crate) fn scratch_dir(&self) -> Result<PathBuf, EngineError> {
+        let session = self.session.as_ref().ok_or_else(|| self.read_only_error())?;
         let n = self.scratch_counter.fetch_add(1, Ordering::Relaxed);
-        let dir = self.session_dir.join(n.to_string());
+        let dir = session.dir.join(n.to_string());
         fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
         Ok(dir)
     }
@@ -224,6 +311,9 @@ impl Store {
     /// file is then not read back (it is if its size disagrees). Nothing is recorded in the
     /// database here: see [`Store::commit_result`].
     pub(crate) fn commit_blob(&self, temp: &Path, known: Option<(Hash, u64)>) -> Result<(Hash, u64), EngineError> {
+        if self.is_read_only() {
+            return Err(self.read_only_error());
+        }
         let file = File::open(temp).map_err(|e| EngineError::io("open", temp, e))?;
         file.sync_all().map_err(|e| EngineError::io("fsync", temp, e))?;
         let meta = file.metadata().map_err(|e| EngineError::io("stat", temp, e))?;
@@ -234,11 +324,13 @@ impl Store {
             _ => hash_file(temp).map_err(|e| EngineError::io("read", temp, e))?,
         };
         let dest = self.blob_path(&hash);
-        if fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
-            // Already stored (same content built before, or by another node).
+        if self.is_verified(&hash, &dest) {
+            // Already stored, and known good (same content built before by this process).
             fs::remove_file(temp).map_err(|e| EngineError::io("remove", temp, e))?;
             return Ok((hash, size));
         }
+        // A blob already under this name but not known good may be damaged: the bytes just
+        // built, hashed on the way, replace it (rename is atomic for its readers).
         let parent = dest.parent().unwrap_or(&self.root);
         fs::create_dir_all(parent).map_err(|e| EngineError::io("create directory", parent, e))?;
         // Read-only, so that a stage that opens an input artifact for writing fails
@@ -249,7 +341,7 @@ impl Store {
         fs::rename(temp, &dest).map_err(|e| EngineError::io("move into the store", &dest, e))?;
         sync_dir(parent);
         if let Ok(stat) = FileStat::of(&dest) {
-            self.committed.lock().unwrap_or_else(PoisonError::into_inner).insert(hash, stat);
+            self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert(hash, stat);
         }
         Ok((hash, size))
     }
@@ -285,12 +377,51 @@ impl Store {
     }
 
     /// The bytes of artifact `name` of the result stored under `key` (for reports that read
-    /// a stage's output after a build).
+    /// a stage's output after a build), verified against their hash; a damaged blob is
+    /// quarantined and its results forgotten, so the next build makes it again.
     pub fn read_artifact(&self, key: &Hash, name: &str) -> Result<Vec<u8>, EngineError> {
         let (result, _) = self.lookup_result(key)?.ok_or_else(|| self.corrupt(format!("no result for key {}", key.to_hex())))?;
         let hash = result.artifacts.get(name).ok_or_else(|| self.corrupt(format!("result {} has no artifact {name}", key.to_hex())))?;
         let path = self.blob_path(hash);
-        fs::read(&path).map_err(|e| EngineError::io("read", path, e))
+        let bytes = fs::read(&path).map_err(|e| EngineError::io("read", &path, e))?;
+        if super::hash::hash_bytes(&bytes) != *hash {
+            self.forget_blob(hash)?;
+            return Err(EngineError::CorruptBlob { path });
+        }
+        Ok(bytes)
+    }
+
+    /// Checks every blob the store records against its hash (and SQLite's own integrity
+    /// check); damaged or missing blobs are quarantined and their results forgotten.
+    pub fn verify_all(&self) -> Result<VerifyReport, EngineError> {
+        let integrity: Vec<String> = self.db(|c| {
+            let mut stmt = c.prepare("PRAGMA integrity_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        let blobs: Vec<(String, i64)> = self.db(|c| {
+            let mut stmt = c.prepare("SELECT hash, size FROM blobs ORDER BY hash")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        let mut report =
+            VerifyReport { database_problems: integrity.into_iter().filter(|l| l != "ok").collect(), ..VerifyReport::default() };
+        for (hex, size) in blobs {
+            let hash = self.parse_hash(&hex, "blob")?;
+            let path = self.blob_path(&hash);
+            if !path.exists() {
+                self.forget_blob(&hash)?;
+                report.missing.push(path);
+                continue;
+            }
+            report.blobs_checked += 1;
+            report.bytes_checked += u64::try_from(size).unwrap_or(0);
+            if self.verify_blob(&hash).is_err() {
+                self.forget_blob(&hash)?;
+                report.corrupt.push(path);
+            }
+        }
+        Ok(report)
     }
 
     /// Records a built result. Call only after every blob went through
@@ -303,6 +434,9 @@ impl Store {
         sizes: &BTreeMap<Hash, u64>,
         now_ns: i64,
     ) -> Result<(), EngineError> {
+        if self.is_read_only() {
+            return Err(self.read_only_error());
+        }
         let k = key.to_hex();
         self.db(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -326,21 +460,92 @@ impl Store {
         })
     }
 
-    /// Forgets a blob found missing or corrupt: deletes the file and every result that
-    /// uses it, so the next lookup misses and the stage runs again.
-    pub(crate) fn forget_blob(&self, hash: &Hash) -> Result<(), EngineError> {
-        let path = self.blob_path(hash);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(EngineError::io("remove", &path, e)),
+    /// Whether the blob's bytes are known to match `hash` in this process, its stat unchanged.
+    fn is_verified(&self, hash: &Hash, blob: &Path) -> bool {
+        let known = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(hash).copied();
+        known.is_some_and(|stat| FileStat::of(blob).is_ok_and(|now| now == stat))
+    }
+
+    fn mark_verified(&self, hash: &Hash, blob: &Path) {
+        if let Ok(stat) = FileStat::of(blob) {
+            self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert(*hash, stat);
         }
+    }
+
+    /// Checks that the blob's bytes hash to `hash` (streaming blake3, once per process while
+    /// its stat is unchanged): every stored byte a stage or a report reads goes through here
+    /// first. A missing or damaged blob is [`EngineError::CorruptBlob`].
+    pub(crate) fn verify_blob(&self, hash: &Hash) -> Result<(), EngineError> {
+        let blob = self.blob_path(hash);
+        if self.is_verified(hash, &blob) {
+            return Ok(());
+        }
+        match hash_file(&blob) {
+            Ok(actual) if actual == *hash => {
+                self.mark_verified(hash, &blob);
+                Ok(())
+            }
+            _ => Err(EngineError::CorruptBlob { path: blob }),
+        }
+    }
+
+    /// Forgets a blob found missing or corrupt: moves the file to `quarantine/` (kept for a
+    /// post-mortem, never read again) and deletes every result that uses it, so the next
+    /// lookup misses, the stage runs again and the store is repaired.
+    pub(crate) fn forget_blob(&self, hash: &Hash) -> Result<(), EngineError> {
+        if self.is_read_only() {
+            return Err(self.read_only_error());
+        }
+        let path = self.blob_path(hash);
+        let quarantine = self.root.join("quarantine");
+        if path.exists() {
+            fs::create_dir_all(&quarantine).map_err(|e| EngineError::io("create directory", &quarantine, e))?;
+            let dest = quarantine.join(format!("{}.{}", hash.to_hex(), std::process::id()));
+            match fs::rename(&path, &dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::io("quarantine", &path, e)),
+            }
+        }
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner).remove(hash);
         let h = hash.to_hex();
         self.db(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute("DELETE FROM results WHERE key IN (SELECT key FROM result_artifacts WHERE blob = ?1)", [&h])?;
             tx.execute("DELETE FROM blobs WHERE hash = ?1", [&h])?;
             tx.commit()
+        })
+    }
+
+    /// Saves the reports of runs (keyed by the run's absolute path; the report is opaque
+    /// JSON to the store), all in one transaction.
+    pub fn put_run_reports(&self, reports: &[(String, String)], now_ns: i64) -> Result<(), EngineError> {
+        if reports.is_empty() || self.is_read_only() {
+            return Ok(());
+        }
+        self.db(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut put = tx.prepare_cached("INSERT OR REPLACE INTO run_reports (run, report, updated_ns) VALUES (?1, ?2, ?3)")?;
+                for (run, report) in reports {
+                    put.execute(params![run, report, now_ns])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// The saved reports of these runs, by run (runs without one are absent).
+    pub fn run_reports(&self, runs: &[String]) -> Result<std::collections::HashMap<String, String>, EngineError> {
+        self.db(|c| {
+            let mut get = c.prepare_cached("SELECT report FROM run_reports WHERE run = ?1")?;
+            let mut found = std::collections::HashMap::new();
+            for run in runs {
+                if let Some(report) = get.query_row([run], |r| r.get::<_, String>(0)).optional()? {
+                    found.insert(run.clone(), report);
+                }
+            }
+            Ok(found)
         })
     }
 
@@ -356,6 +561,9 @@ impl Store {
 
     /// Replaces the node's record and its materialization rows in one transaction.
     pub(crate) fn put_node_record(&self, node_id: &Hash, rec: &NodeRecord, now_ns: i64) -> Result<(), EngineError> {
+        if self.is_read_only() {
+            return Ok(()); // only explains `status`; a read-only store keeps its old records
+        }
         let json = serde_json::to_string(rec).map_err(|e| self.corrupt(format!("node {}: cannot encode record: {e}", node_id.short())))?;
         let id = node_id.to_hex();
         self.db(|c| {
@@ -407,7 +615,7 @@ impl Store {
 
     /// Writes stat cache records in one transaction.
     pub(crate) fn stat_put_many(&self, rows: &[(String, StatRecord)]) -> Result<(), EngineError> {
-        if rows.is_empty() {
+        if rows.is_empty() || self.is_read_only() {
             return Ok(());
         }
         self.db(|c| {
@@ -446,6 +654,16 @@ impl Store {
 
     fn lock_file(&self, name: &str, shared: bool) -> Result<File, EngineError> {
         let path = self.root.join("locks").join(name);
+        if self.is_read_only() {
+            // Builds only read a read-only store: a shared lock on the file as it is (a
+            // writer's gc waits for it), or none where the file cannot be opened.
+            if !shared {
+                return Err(self.read_only_error());
+            }
+            let f = File::open(&path).or_else(|_| File::open("/dev/null")).map_err(|e| EngineError::io("open lock", &path, e))?;
+            let _ = f.lock_shared();
+            return Ok(f);
+        }
         let f =
             OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| EngineError::io("open lock", &path, e))?;
         let locked = if shared { f.lock_shared() } else { f.lock() };
@@ -470,9 +688,9 @@ impl Store {
         let corrupt = || EngineError::CorruptBlob { path: blob.clone() };
         let mut src = File::open(&blob).map_err(|_| corrupt())?;
         let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| EngineError::io("create", &tmp, e))?;
-        let unchanged_since_commit = self.committed.lock().unwrap_or_else(PoisonError::into_inner).get(hash).copied()
+        let unchanged_since_verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(hash).copied()
             == Some(FileStat::from_metadata(&src.metadata().map_err(|_| corrupt())?));
-        if unchanged_since_commit {
+        if unchanged_since_verified {
             // Hashed from the bytes this process wrote, untouched since: an in-kernel copy.
             std::io::copy(&mut src, &mut out).map_err(|e| EngineError::io("copy to", &tmp, e))?;
         } else {
@@ -489,6 +707,7 @@ impl Store {
             if Hash::from(hasher.finalize()) != *hash {
                 return Err(corrupt());
             }
+            self.mark_verified(hash, &blob);
         }
         // No fsync: the store holds the durable copy (its blob was fsynced when committed),
         // and a copy lost to a crash is restored by the next build. The rename still makes
@@ -503,13 +722,14 @@ impl Store {
     /// anything left is tried again next time.
     pub(crate) fn remove_dead_sessions(&self) -> usize {
         let tmp = self.root.join("tmp");
+        let Some(session) = &self.session else { return 0 };
         let Ok(entries) = fs::read_dir(&tmp) else {
             return 0;
         };
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            if path == self.session_dir || path == self.session_lock_path {
+            if path == session.dir || path == session.lock_path {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -541,14 +761,16 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.session_dir);
-        let _ = fs::remove_file(&self.session_lock_path);
+        if let Some(session) = &self.session {
+            let _ = fs::remove_dir_all(&session.dir);
+            let _ = fs::remove_file(&session.lock_path);
+        }
     }
 }
 
 /// WAL, durability and foreign keys, then the schema migrations.
 fn configure(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
-    let sql = |e| EngineError::Sqlite { path: db_path.to_path_buf(), source: e };
+    let sql = |e| EngineError::sqlite(db_path, e);
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)).map_err(sql)?;
     // NORMAL in WAL mode keeps the database consistent on a crash; a power cut may
     // lose the last transactions, which only means rebuilding those results.
@@ -563,7 +785,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 }
 
 fn migrate(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
-    let sql = |e| EngineError::Sqlite { path: db_path.to_path_buf(), source: e };
+    let sql = |e| EngineError::sqlite(db_path, e);
     // Immediate: two processes opening a new store must not both run migration 1.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
     let found: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
@@ -582,7 +804,7 @@ fn migrate(conn: &mut Connection, db_path: &Path) -> Result<(), EngineError> {
 
 /// Creates this process's scratch session: its lock file is locked *before* it gets its
 /// public name, so another process never sees an unlocked live session.
-fn new_session(tmp: &Path) -> Result<(PathBuf, PathBuf, File), EngineError> {
+fn new_session(tmp: &Path) -> Result<Session, EngineError> {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let id = format!("{}-{}-{}", std::process::id(), nanos, SESSION_COUNTER.fetch_add(1, Ordering::Relaxed));
     let locking = tmp.join(format!(".{id}.locking"));
@@ -592,7 +814,7 @@ fn new_session(tmp: &Path) -> Result<(PathBuf, PathBuf, File), EngineError> {
     f.lock().map_err(|e| EngineError::io("lock", &locking, e))?;
     fs::rename(&locking, &lock_path).map_err(|e| EngineError::io("rename", &lock_path, e))?;
     fs::create_dir_all(&dir).map_err(|e| EngineError::io("create directory", &dir, e))?;
-    Ok((dir, lock_path, f))
+    Ok(Session { dir, lock_path, _lock: f })
 }
 
 fn is_older_than(path: &Path, age: Duration) -> bool {

@@ -58,6 +58,10 @@ enum Behaviour {
     Several,
     /// Appends to its file input `x` while running.
     EditInput,
+    /// Writes `viz/0.png` ... `viz/<n-1>.png`.
+    Pictures(usize),
+    /// Publishes its input `a`'s artifact `out` as its own `out`, without copying.
+    Reuse,
 }
 
 struct TestStage {
@@ -142,6 +146,12 @@ impl Stage for TestStage {
                 ctx.write_output("viz/0.png", b"png0")?;
                 ctx.write_output("viz/1.png", b"png1")?;
             }
+            Behaviour::Pictures(n) => {
+                for i in 0..*n {
+                    ctx.write_output(&format!("viz/{i}.png"), format!("png{i}"))?;
+                }
+            }
+            Behaviour::Reuse => ctx.reuse_input_artifact("a", "out", "out")?,
             Behaviour::EditInput => {
                 let x = ctx.input_file("x")?.to_path_buf();
                 let mut content = fs::read(&x)?;
@@ -691,6 +701,63 @@ fn directory_materialization_restores_single_files() {
 }
 
 #[test]
+fn fewer_outputs_remove_the_stale_ones_but_not_the_users() {
+    let env = setup();
+    let pictures = |n: usize| {
+        let mut graph = Graph::new();
+        let stage = env.stage("eval").params(json!({ "n": n })).behaviour(Behaviour::Pictures(n));
+        graph.add(NodeSpec::new(stage).file("x", env.path("x.txt")).materialize_dir("viz/", env.path("run/viz"))).unwrap();
+        graph
+    };
+    build(&env.engine(), &pictures(4));
+    assert_eq!(walk(&env.path("run/viz")).iter().filter(|p| p.is_file()).count(), 4);
+    fs::write(env.path("run/viz/3.png"), "the user's own picture").unwrap();
+    let r = build(&env.engine(), &pictures(2));
+    assert!(r.ok());
+    assert_eq!(env.read("run/viz/0.png"), "png0");
+    assert_eq!(env.read("run/viz/1.png"), "png1");
+    assert!(!env.path("run/viz/2.png").exists(), "a picture of the last build that this one does not draw stays behind");
+    assert_eq!(env.read("run/viz/3.png"), "the user's own picture");
+}
+
+#[test]
+fn a_failed_node_withdraws_what_it_published_and_so_do_its_skipped_dependents() {
+    let env = setup();
+    let graph_with = |a: TestStage| dag_with(&env, a, env.stage("b"), env.stage("c"), env.stage("d"));
+    build(&env.engine(), &graph_with(env.stage("a")).graph);
+    assert!(env.path("run/a.txt").exists() && env.path("run/d.txt").exists());
+    env.write("x.txt", "x2\n");
+    let dag = graph_with(env.stage("a").behaviour(Behaviour::Fail));
+    let r = build(&env.engine(), &dag.graph);
+    assert!(matches!(r.get(dag.a).outcome, Outcome::Failed { .. }));
+    assert!(matches!(r.get(dag.d).outcome, Outcome::Skipped { .. }));
+    assert!(!env.path("run/a.txt").exists(), "the output of the old x.txt is still published");
+    assert!(!env.path("run/d.txt").exists());
+    // Fixed: everything is back.
+    let r = build(&env.engine(), &graph_with(env.stage("a")).graph);
+    assert!(r.ok());
+    assert_eq!(env.read("run/a.txt"), "a({\"salt\":\"\"})[x2\n]");
+}
+
+#[test]
+fn a_reused_artifact_is_the_upstream_blob_itself() {
+    let env = setup();
+    let mut graph = Graph::new();
+    let a = graph.add(NodeSpec::new(env.stage("a")).file("x", env.path("x.txt"))).unwrap();
+    let p = graph
+        .add(NodeSpec::new(env.stage("publish").behaviour(Behaviour::Reuse)).input("a", a).materialize("out", env.path("run/p.txt")))
+        .unwrap();
+    let r = build(&env.engine(), &graph);
+    assert!(r.ok(), "{r}");
+    assert_eq!(env.read("run/p.txt"), "a({\"salt\":\"\"})[x1\n]");
+    let blobs: Vec<PathBuf> = walk(&env.store_dir().join("blobs")).into_iter().filter(|p| p.is_file()).collect();
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let r = build(&env.engine(), &graph);
+    assert_eq!(outcomes(&r), [("a", "fresh"), ("publish", "fresh")]);
+    let _ = p;
+}
+
+#[test]
 fn a_corrupt_blob_is_rebuilt_not_copied() {
     let env = setup();
     let dag = dag(&env);
@@ -706,6 +773,82 @@ fn a_corrupt_blob_is_rebuilt_not_copied() {
     let r = build(&env.engine(), &dag.graph);
     assert_eq!(outcomes(&r), [("a", "fresh"), ("b", "fresh"), ("c", "fresh"), ("d", "built")]);
     assert_eq!(env.read("run/d.txt"), good);
+}
+
+/// Flips one bit of the blob holding `content`; returns the blob's path.
+fn flip_a_bit(env: &Env, content: &[u8]) -> PathBuf {
+    let blob = blob_with_content(&env.store_dir(), content).expect("the blob");
+    make_writable(&blob);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&blob, bytes).unwrap();
+    blob
+}
+
+#[test]
+fn a_damaged_input_is_quarantined_and_its_maker_rebuilt_before_a_stage_reads_it() {
+    let env = setup();
+    let dag = dag(&env);
+    build(&env.engine(), &dag.graph);
+    let good = env.read("run/d.txt");
+    // c's output is what d reads; damage it, then make d run (a new parameter).
+    let c_out = fs::read(
+        walk(&env.store_dir().join("blobs")).into_iter().find(|p| p.is_file() && fs::read(p).unwrap().starts_with(b"c(")).unwrap(),
+    )
+    .unwrap();
+    let blob = flip_a_bit(&env, &c_out);
+    let dag2 = dag_with(&env, env.stage("a"), env.stage("b"), env.stage("c"), env.stage("d").salt("2"));
+    let r = build(&env.engine(), &dag2.graph);
+    assert!(r.ok(), "{r}");
+    assert_eq!(env.runs("c"), 2, "c must be built again from its inputs");
+    assert_eq!(fs::read(&blob).unwrap(), c_out, "the store is repaired");
+    assert!(!env.read("run/d.txt").contains("c(\u{1}"), "d read the damaged bytes");
+    assert!(env.read("run/d.txt").starts_with("d({\"salt\":\"2\"})[c("));
+    let quarantined = walk(&env.store_dir().join("quarantine"));
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    let _ = good;
+}
+
+#[test]
+fn force_replaces_a_damaged_blob_and_verify_finds_damage() {
+    let env = setup();
+    let dag = dag(&env);
+    build(&env.engine(), &dag.graph);
+    let good = env.read("run/a.txt");
+    let blob = flip_a_bit(&env, good.as_bytes());
+    let engine = env.engine();
+    let report = engine.store().verify_all().unwrap();
+    assert_eq!(report.corrupt, vec![blob.clone()]);
+    assert!(!report.clean() && report.blobs_checked == 4 && report.missing.is_empty(), "{report:?}");
+    assert!(engine.store().verify_all().unwrap().clean(), "the damaged blob was quarantined and forgotten");
+    // The same damage, then --force: the rebuilt bytes replace the damaged blob.
+    build(&env.engine(), &dag.graph);
+    let blob = flip_a_bit(&env, good.as_bytes());
+    let r = env.engine().build(&dag.graph, &BuildOptions { force: Force::All, observer: None }).unwrap();
+    assert!(r.ok());
+    assert_eq!(fs::read_to_string(&blob).unwrap(), good);
+    assert!(env.engine().store().verify_all().unwrap().clean());
+}
+
+#[test]
+fn a_read_only_store_serves_fresh_builds_and_refuses_only_to_build() {
+    let env = setup();
+    let dag = dag(&env);
+    build(&env.engine(), &dag.graph);
+    // Root ignores file permissions, so the store is opened the way `Store::open` falls back
+    // to when it may not write.
+    let read_only = || Engine::new(Store::open_read_only(&env.store_dir()).unwrap(), "0.1.0").with_clock(env.clock.clone());
+    assert!(read_only().store().is_read_only());
+    fs::remove_file(env.path("run/d.txt")).unwrap();
+    let r = build(&read_only(), &dag.graph);
+    assert_eq!(outcomes(&r), [("a", "fresh"), ("b", "fresh"), ("c", "fresh"), ("d", "restored")]);
+    env.write("x.txt", "x2\n");
+    let r = build(&read_only(), &dag.graph);
+    match &r.get(dag.a).outcome {
+        Outcome::Failed { error } => assert!(format!("{error:#}").contains("read-only"), "{error:#}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(env.runs("a"), 1);
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! The protocol on the runner's stdin/stdout, one JSON message per line:
 //! 1. mkonnx sends a [`RunnerSetup`] (checkpoint path, architecture, hyperparameters, device,
 //!    threads); the runner reads the checkpoint with mkonnx's own reader and answers
-//!    [`Reply::Ready`] or [`Reply::Error`].
+//!    [`Reply::Ready`] (with its build identity, which must equal mkonnx's) or [`Reply::Error`].
 //! 2. For each batch, mkonnx sends a [`BatchHeader`] line followed by the batch's float32
 //!    data (`len·3·height·width` values, native byte order: both ends are one machine); the
 //!    runner answers [`Reply::Detections`] (one per image) or [`Reply::Error`].
@@ -71,6 +71,21 @@ pub enum PytorchError {
         /// What failed.
         message: String,
     },
+    /// The runner was built from other sources than this mkonnx.
+    #[error(
+        "the PyTorch runner {} comes from another build ({found}), but this mkonnx is {ours}: \
+         build both from the same sources (`make build`, or cargo build --release --workspace), \
+         or point {RUNNER_ENV} at the matching runner",
+        runner.display()
+    )]
+    OtherBuild {
+        /// The runner binary.
+        runner: PathBuf,
+        /// What it reported.
+        found: String,
+        /// This mkonnx's identity.
+        ours: &'static str,
+    },
     /// The runner reported an error (bad weights, no GPU, a libtorch failure).
     #[error("{0}")]
     Runner(String),
@@ -113,8 +128,12 @@ impl BatchHeader {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    /// The model is loaded.
-    Ready,
+    /// The model is loaded; `identity` is the runner's [`crate::build_identity`], which
+    /// must equal mkonnx's: results of one build must not mix with another's.
+    Ready {
+        /// The runner's build identity.
+        identity: String,
+    },
     /// One entry per image of the batch.
     Detections(Vec<Detections>),
     /// What went wrong; the runner stays usable for the next batch when it can.
@@ -216,10 +235,18 @@ impl PytorchRunner {
             stderr_reader: Some(stderr_reader),
         };
         this.send(|w| write_message(w, setup))?;
-        match this.receive()? {
-            Reply::Ready => Ok(this),
-            Reply::Error(e) => Err(PytorchError::Runner(e)),
-            other => Err(this.protocol_error(&format!("expected `ready`, got {other:?}"))),
+        let other_build =
+            |runner: &Path, found: String| PytorchError::OtherBuild { runner: runner.to_path_buf(), found, ours: crate::build_identity() };
+        match this.receive() {
+            Ok(Reply::Ready { identity }) if identity == crate::build_identity() => Ok(this),
+            Ok(Reply::Ready { identity }) => Err(other_build(&this.runner, identity)),
+            Ok(Reply::Error(e)) => Err(PytorchError::Runner(e)),
+            Ok(other) => Err(this.protocol_error(&format!("expected `ready`, got {other:?}"))),
+            // A runner that answers in another dialect is from another build.
+            Err(PytorchError::Io { message, .. }) if message.starts_with("unexpected answer") => {
+                Err(other_build(&this.runner, format!("one that does not speak this protocol: {message}")))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -305,13 +332,13 @@ mod tests {
         let det = Detections { boxes: vec![[0.1, 1.0 / 3.0, f32::MAX, 7.25]], scores: vec![0.999_999_9], labels: vec![3] };
         let mut buf = Vec::new();
         write_message(&mut buf, &Reply::Detections(vec![det.clone(), Detections::default()])).unwrap();
-        write_message(&mut buf, &Reply::Ready).unwrap();
+        write_message(&mut buf, &Reply::Ready { identity: "x".into() }).unwrap();
         let header = BatchHeader { len: 2, height: 1, width: 2 };
         write_message(&mut buf, &header).unwrap();
         buf.extend_from_slice(bytemuck::cast_slice(&[0.5f32; 12]));
         let mut input = std::io::Cursor::new(buf);
         assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(Reply::Detections(vec![det, Detections::default()])));
-        assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(Reply::Ready));
+        assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(Reply::Ready { identity: "x".into() }));
         let h: BatchHeader = read_message(&mut input).unwrap().unwrap();
         assert_eq!(read_batch_data(&mut input, &h).unwrap(), vec![0.5f32; 12]);
         assert_eq!(read_message::<Reply>(&mut input).unwrap(), None);

@@ -137,3 +137,35 @@ impl Stage for ExportOnnx {
         Ok(())
     }
 }
+
+/// Stage `publish_model`: puts the exported model where deployments pick it up
+/// (`onnx_model/model.onnx`) only when its parity check passed (or no check was asked for,
+/// or `--keep-failed-parity`). Being a node of the graph, a failed check keeps the model out
+/// of the run directory the same way every other failure keeps its outputs out, and the
+/// verdict is cached with everything else. It reuses the export's blob: no copy.
+pub struct PublishModel {
+    /// Publish even when the parity check failed (`--keep-failed-parity`, for debugging).
+    pub keep_failed_parity: bool,
+}
+
+impl Stage for PublishModel {
+    fn name(&self) -> &'static str {
+        "publish_model"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        if ctx.node_inputs().contains(&"parity") {
+            let parity: super::parity::ParityReport = read_json(ctx, "parity", "parity.json")?;
+            if !parity.passed && !self.keep_failed_parity {
+                anyhow::bail!("{}; model.onnx is not published (--keep-failed-parity keeps it)", parity.failure());
+            }
+        }
+        ctx.reuse_input_artifact("onnx", "model.onnx", "model.onnx")?;
+        Ok(())
+    }
+}

@@ -4,9 +4,9 @@
 //! Per run:
 //! ```text
 //! checkpoint, config ─► resolve_model ─► export_onnx ─► conversion_summary
-//!                              │             │   ▲
-//!                              │             ▼   │
-//!          sample image ───────┴────────► parity_check
+//!                              │             │   ▲   ▲
+//!                              │             ▼   │   │
+//!          sample image ───────┴────────► parity_check ─► publish_model (model.onnx)
 //! dataset ─► ground_truth (shared by runs) ─► evaluate_onnx ─┐
 //!                              └──────────► evaluate_pytorch ┴► compare
 //!                                   (or the user's own eval: pytorch_metrics_from_user)
@@ -55,10 +55,16 @@ pub struct BuildRequest {
 pub struct PlannedRun {
     /// The run's label (its directory as given).
     pub label: String,
-    /// Its `compare` node, when evaluating.
-    pub compare: Option<NodeHandle>,
+    /// Its `resolve_model` node (architecture, hyperparameters).
+    pub model: Option<NodeHandle>,
+    /// Its `publish_model` node, which puts `onnx_model/model.onnx` in place.
+    pub publish: Option<NodeHandle>,
     /// Its parity node, when checking parity.
     pub parity: Option<NodeHandle>,
+    /// Its `compare` node, when evaluating.
+    pub compare: Option<NodeHandle>,
+    /// Why the run could not be planned (its other runs are planned all the same).
+    pub error: Option<String>,
 }
 
 /// Adds a dataset's files (index + every image) as file inputs of a node.
@@ -77,122 +83,140 @@ fn planned_class_names(run: &RunDir) -> anyhow::Result<Vec<String>> {
     Ok(cfg.class_names.map(|(_, names)| crate::model::resolve::foreground_names(&names).to_vec()).unwrap_or_default())
 }
 
-/// Builds the graph for `req`; each run's nodes carry the run directory as label.
-pub fn plan(req: &BuildRequest) -> anyhow::Result<(Graph, Vec<PlannedRun>)> {
+/// Builds the graph for `req`; each run's nodes carry the run directory as label. A run
+/// that cannot be planned is reported in its [`PlannedRun::error`]; the others are planned
+/// all the same (one broken run never stops a fleet).
+pub fn plan(req: &BuildRequest) -> (Graph, Vec<PlannedRun>) {
     let mut g = Graph::new();
     let mut planned = Vec::new();
     for run in &req.runs {
         let label = run.root.display().to_string();
-        let onnx_dir = run.onnx_dir();
-        let model =
-            g.add(NodeSpec::new(convert::ResolveModel).label(&label).file("checkpoint", &run.checkpoint).file("config", &run.config))?;
-        let onnx = g.add(
-            NodeSpec::new(convert::ExportOnnx)
+        let mut p = PlannedRun { label, model: None, publish: None, parity: None, compare: None, error: None };
+        if let Err(e) = plan_run(&mut g, req, run, &mut p) {
+            p.error = Some(format!("{e:#}"));
+        }
+        planned.push(p);
+    }
+    (g, planned)
+}
+
+/// Adds one run's nodes to `g`, recording them in `p` as they are added.
+fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun) -> anyhow::Result<()> {
+    let label = p.label.clone();
+    let onnx_dir = run.onnx_dir();
+    let model =
+        g.add(NodeSpec::new(convert::ResolveModel).label(&label).file("checkpoint", &run.checkpoint).file("config", &run.config))?;
+    p.model = Some(model);
+    let onnx = g.add(NodeSpec::new(convert::ExportOnnx).label(&label).file("checkpoint", &run.checkpoint).input("model", model))?;
+
+    let sample = req.image_input.clone().or_else(|| req.dataset.as_ref().and_then(|d| d.images.first().map(|i| d.image_path(i))));
+    if let (true, Some(image)) = (req.parity, sample) {
+        p.parity = Some(
+            g.add(
+                NodeSpec::new(parity::ParityCheck {
+                    device: req.device,
+                    threads: req.threads,
+                    sample_name: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                })
                 .label(&label)
                 .file("checkpoint", &run.checkpoint)
+                .file("image", &image)
                 .input("model", model)
-                .materialize("model.onnx", onnx_dir.join("model.onnx")),
-        )?;
-
-        let sample = req.image_input.clone().or_else(|| req.dataset.as_ref().map(|d| d.image_path(&d.images[0])));
-        let parity = match (req.parity, sample) {
-            (true, Some(image)) => Some(
-                g.add(
-                    NodeSpec::new(parity::ParityCheck {
-                        device: req.device,
-                        threads: req.threads,
-                        sample_name: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                        keep_failed: req.keep_failed_parity,
-                    })
-                    .label(&label)
-                    .file("checkpoint", &run.checkpoint)
-                    .file("image", &image)
-                    .input("model", model)
-                    .input("onnx", onnx),
-                )?,
-            ),
-            _ => None,
-        };
-        let mut summary = NodeSpec::new(summary::ConversionSummary { checkpoint_name: file_tag_name(run) })
+                .input("onnx", onnx),
+            )?,
+        );
+    }
+    let mut publish = NodeSpec::new(convert::PublishModel { keep_failed_parity: req.keep_failed_parity })
+        .label(&label)
+        .input("onnx", onnx)
+        .materialize("model.onnx", onnx_dir.join("model.onnx"));
+    let mut summary =
+        NodeSpec::new(summary::ConversionSummary { checkpoint_name: file_tag_name(run), keep_failed_parity: req.keep_failed_parity })
             .label(&label)
             .file("checkpoint", &run.checkpoint)
             .file("config", &run.config)
             .input("model", model)
             .input("onnx", onnx)
             .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
-        if let Some(p) = parity {
-            summary = summary.input("parity", p);
-        }
-        g.add(summary)?;
+    if let Some(parity) = p.parity {
+        publish = publish.input("parity", parity);
+        summary = summary.input("parity", parity);
+    }
+    p.publish = Some(g.add(publish)?);
+    g.add(summary)?;
 
-        let mut compare = None;
-        if let (true, Some(ds)) = (req.evaluate, req.dataset.as_ref()) {
-            // A config that cannot be read fails this run in `resolve_model`, with its own
-            // error, not the whole build: plan its ground truth with generic names.
-            let class_names = planned_class_names(run).unwrap_or_default();
-            let gt = g.add(with_dataset(NodeSpec::new(evaluate::GroundTruth { class_names }).label(&label), ds))?;
-            let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
-            let onnx_eval = g.add(
+    let (true, Some(ds)) = (req.evaluate, req.dataset.as_ref()) else { return Ok(()) };
+    // The ground truth names its categories after the config's classes, so it is shared
+    // only by runs with the same class names. A config that cannot be read fails this run
+    // in `resolve_model`, with its own error; there is nothing to evaluate.
+    let Ok(class_names) = planned_class_names(run) else { return Ok(()) };
+    let gt = g.add(
+        with_dataset(
+            NodeSpec::new(evaluate::GroundTruth { class_names: class_names.clone() })
+                .identity(format!("classes:{}", serde_json::to_string(&class_names)?)),
+            ds,
+        )
+        .label(&label),
+    )?;
+    let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
+    let onnx_eval = g.add(
+        with_dataset(
+            NodeSpec::new(evaluate::EvaluateOnnx {
+                visualizations: req.visualizations,
+                vis_score_thresh: req.vis_score_thresh,
+                threads: req.threads,
+            }),
+            ds,
+        )
+        .label(&label)
+        .input("model", model)
+        .input("onnx", onnx)
+        .input("ground_truth", gt)
+        .materialize_dir("", onnx_eval_dir),
+    )?;
+    let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
+    let cmp = match evaluate::find_user_evaluation(&pt_dir) {
+        Some((metrics, user_gt)) => {
+            let source = format!(
+                "{}/{}",
+                pt_dir.file_name().unwrap_or_default().to_string_lossy(),
+                metrics.file_name().unwrap_or_default().to_string_lossy()
+            );
+            let user = g.add(NodeSpec::new(evaluate::UserPytorchMetrics).label(&label).file("metrics", &metrics))?;
+            let cmp = NodeSpec::new(evaluate::Compare { pytorch_source: Some(format!("user evaluation {source}")) })
+                .label(&label)
+                .input("onnx_eval", onnx_eval)
+                .input("pytorch_user", user);
+            match user_gt {
+                Some(p) => cmp.file("user_ground_truth", p),
+                None => cmp,
+            }
+        }
+        None => {
+            let pt = g.add(
                 with_dataset(
-                    NodeSpec::new(evaluate::EvaluateOnnx {
+                    NodeSpec::new(parity::EvaluatePytorch {
+                        device: req.device,
+                        threads: req.threads,
                         visualizations: req.visualizations,
                         vis_score_thresh: req.vis_score_thresh,
-                        threads: req.threads,
                     }),
                     ds,
                 )
                 .label(&label)
+                .file("checkpoint", &run.checkpoint)
                 .input("model", model)
-                .input("onnx", onnx)
                 .input("ground_truth", gt)
-                .materialize_dir("", onnx_eval_dir),
+                .materialize_dir("", pt_dir),
             )?;
-            let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
-            let cmp = match evaluate::find_user_evaluation(&pt_dir) {
-                Some((metrics, user_gt)) => {
-                    let source = format!(
-                        "{}/{}",
-                        pt_dir.file_name().unwrap_or_default().to_string_lossy(),
-                        metrics.file_name().unwrap_or_default().to_string_lossy()
-                    );
-                    let user = g.add(NodeSpec::new(evaluate::UserPytorchMetrics).label(&label).file("metrics", &metrics))?;
-                    let cmp = NodeSpec::new(evaluate::Compare { pytorch_source: Some(format!("user evaluation {source}")) })
-                        .label(&label)
-                        .input("onnx_eval", onnx_eval)
-                        .input("pytorch_user", user);
-                    match user_gt {
-                        Some(p) => cmp.file("user_ground_truth", p),
-                        None => cmp,
-                    }
-                }
-                None => {
-                    let pt = g.add(
-                        with_dataset(
-                            NodeSpec::new(parity::EvaluatePytorch {
-                                device: req.device,
-                                threads: req.threads,
-                                visualizations: req.visualizations,
-                                vis_score_thresh: req.vis_score_thresh,
-                            }),
-                            ds,
-                        )
-                        .label(&label)
-                        .file("checkpoint", &run.checkpoint)
-                        .input("model", model)
-                        .input("ground_truth", gt)
-                        .materialize_dir("", pt_dir),
-                    )?;
-                    NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
-                        .label(&label)
-                        .input("onnx_eval", onnx_eval)
-                        .input("pytorch_eval", pt)
-                }
-            };
-            compare = Some(g.add(cmp.materialize("comparison.json", onnx_dir.join("comparison.json")))?);
+            NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
+                .label(&label)
+                .input("onnx_eval", onnx_eval)
+                .input("pytorch_eval", pt)
         }
-        planned.push(PlannedRun { label, compare, parity });
-    }
-    Ok((g, planned))
+    };
+    p.compare = Some(g.add(cmp.materialize("comparison.json", onnx_dir.join("comparison.json")))?);
+    Ok(())
 }
 
 fn file_tag_name(run: &RunDir) -> String {

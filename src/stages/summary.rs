@@ -9,6 +9,8 @@ use std::fmt::Write;
 pub struct ConversionSummary {
     /// The checkpoint's file name (relative: artifacts never hold absolute paths).
     pub checkpoint_name: String,
+    /// Whether a model that failed its parity check is published anyway.
+    pub keep_failed_parity: bool,
 }
 
 impl Stage for ConversionSummary {
@@ -19,7 +21,7 @@ impl Stage for ConversionSummary {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "checkpoint_name": self.checkpoint_name })
+        serde_json::json!({ "checkpoint_name": self.checkpoint_name, "keep_failed_parity": self.keep_failed_parity })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
@@ -54,6 +56,7 @@ fn render(
     let mut t = String::new();
     let _ = writeln!(t, "mkonnx {} conversion summary", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(t, "==============================\n");
+    let _ = writeln!(t, "Built by          {}\n", crate::build_identity());
     let _ = writeln!(t, "Source");
     let _ = writeln!(t, "  checkpoint      {} (blake3 {ckpt_hash})", s.checkpoint_name);
     let _ = writeln!(
@@ -97,8 +100,16 @@ fn render(
     );
     let _ = writeln!(t, "Parity with PyTorch (libtorch, same checkpoint)");
     match parity {
-        Some(r) => {
+        Some(r) if r.passed => {
             let _ = writeln!(t, "  {}\n", r.line());
+        }
+        Some(r) if s.keep_failed_parity => {
+            let _ = writeln!(t, "  {}", r.line());
+            let _ = writeln!(t, "  model.onnx published anyway (--keep-failed-parity): do not deploy it\n");
+        }
+        Some(r) => {
+            let _ = writeln!(t, "  {}", r.failure());
+            let _ = writeln!(t, "  model.onnx NOT published: onnx_model/model.onnx is absent (--keep-failed-parity keeps it)\n");
         }
         None => {
             let _ = writeln!(t, "  not checked (--no-parity-check)\n");

@@ -19,13 +19,14 @@ const USAGE: &str = "usage: mkonnx-torch serve | mkonnx-torch check-device DEVIC
     mkonnx's PyTorch runner; `mkonnx build` starts it when it runs the PyTorch model.";
 
 fn main() -> ExitCode {
+    die_with_parent();
     mkonnx_torch::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve"] => serve(),
         ["check-device", device] => parse_device(device).map(drop).map_err(anyhow::Error::from),
         ["--version" | "-V"] => {
-            println!("mkonnx-torch {}", env!("CARGO_PKG_VERSION"));
+            println!("mkonnx-torch, built as {}", mkonnx::build_identity());
             Ok(())
         }
         ["--help" | "-h"] => {
@@ -62,7 +63,7 @@ fn serve() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    write_message(&mut output, &Reply::Ready)?;
+    write_message(&mut output, &Reply::Ready { identity: mkonnx::build_identity().to_string() })?;
     output.flush()?;
     while let Some(header) = read_message::<BatchHeader>(&mut input).context("reading a batch header")? {
         let data = read_batch_data(&mut input, &header).context("reading a batch")?;
@@ -98,4 +99,19 @@ fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyho
         .collect::<Result<Vec<_>, _>>()
         .context("batch data")?;
     Ok(detector.detect(&images)?)
+}
+
+/// Asks the kernel to kill this process when the `mkonnx` that started it dies (even by
+/// `kill -9`), so a runner never lingers holding a model's memory and threads.
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes only this process.
+    unsafe {
+        let parent = libc::getppid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        // The parent may have died before the request: then we were re-parented already.
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
 }
