@@ -227,10 +227,12 @@ fn a_fleet_builds_in_one_command_and_each_run_as_if_alone() {
         }
     }
 
-    // Each good run built alone, in a store of its own, gives the same bytes.
+    // Each good run built alone, in a store of its own, with the same options, gives the
+    // same bytes. (The same -j: it sets the threads per stage, and the runtimes' last bits
+    // depend on the thread count, which is why it is in those stages' keys.)
     let alone = make_fleet(&t.path().join("alone"));
     for (name, r) in alone.iter().filter(|(_, r)| r.error.is_none()) {
-        let o = mkonnx(&build_args(&[r.dir.display().to_string()], ds, &["-j", "1"]), &t.path().join(format!("store_{name}")));
+        let o = mkonnx(&build_args(&[r.dir.display().to_string()], ds, &["-j", "2"]), &t.path().join(format!("store_{name}")));
         assert!(o.status.success(), "{name}: {}", text(&o));
         let (fleet_out, alone_out) = (outputs(&fleet[name].dir), outputs(&r.dir));
         assert_eq!(fleet_out.keys().collect::<Vec<_>>(), alone_out.keys().collect::<Vec<_>>(), "{name}");

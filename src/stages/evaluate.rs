@@ -209,7 +209,9 @@ pub struct EvaluateOnnx {
     pub visualizations: usize,
     /// Lowest score drawn.
     pub vis_score_thresh: f32,
-    /// ONNX Runtime intra-op threads (not part of the key: results do not depend on it).
+    /// ONNX Runtime intra-op threads. Part of the key: kernels split their sums by thread,
+    /// so the last bits of scores and boxes depend on it (measured: predictions differ
+    /// between 1 and 2 threads on every fixture architecture).
     pub threads: usize,
 }
 
@@ -221,7 +223,7 @@ impl Stage for EvaluateOnnx {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh })
+        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh, "threads": self.threads })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;

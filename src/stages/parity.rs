@@ -55,7 +55,8 @@ impl ParityReport {
 pub struct ParityCheck {
     /// libtorch device.
     pub device: Device,
-    /// Threads for libtorch and ONNX Runtime (not in the key).
+    /// Threads for libtorch and ONNX Runtime; in the key, as results depend on it (see
+    /// [`super::evaluate::EvaluateOnnx::threads`]).
     pub threads: usize,
     /// The sample's file name, for the report.
     pub sample_name: String,
@@ -69,7 +70,7 @@ impl Stage for ParityCheck {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "device": self.device, "sample": self.sample_name })
+        serde_json::json!({ "device": self.device, "sample": self.sample_name, "threads": self.threads })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
@@ -89,7 +90,7 @@ impl Stage for ParityCheck {
 pub struct EvaluatePytorch {
     /// libtorch device.
     pub device: Device,
-    /// Threads (not in the key).
+    /// libtorch threads; in the key, as results depend on it.
     pub threads: usize,
     /// Pictures to draw.
     pub visualizations: usize,
@@ -105,7 +106,12 @@ impl Stage for EvaluatePytorch {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "device": self.device, "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh })
+        serde_json::json!({
+            "device": self.device,
+            "visualizations": self.visualizations,
+            "vis_score_thresh": self.vis_score_thresh,
+            "threads": self.threads,
+        })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
