@@ -234,10 +234,12 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
 
     let dirs: Vec<&Path> = runs.iter().map(|(d, _)| *d).collect();
     let saved = report::saved_rows(&engine, &dirs)?;
+    let by_label = report.by_label();
     let mut rows = Vec::new();
     let mut changed = Vec::new();
     for (((dir, run), p), saved) in runs.iter().zip(&planned).zip(saved) {
-        let row = report::build_row(&engine, &report, &dir.display().to_string(), p, saved.clone());
+        let nodes = by_label.get(p.label.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let row = report::build_row(&engine, &report, nodes, &dir.display().to_string(), p, saved.clone());
         if let Some(error) = &row.error {
             if p.error.is_none() {
                 err!("Error: {}: {error}", dir.display());

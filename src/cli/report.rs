@@ -4,7 +4,7 @@
 //! building. Every row a build makes is saved in the store under the run's absolute path.
 
 use crate::data::run_dir::RunDir;
-use crate::engine::{BuildReport, Engine, Hash, NodeHandle, Outcome};
+use crate::engine::{BuildReport, Engine, Hash, NodeHandle, NodeReport, Outcome};
 use crate::eval::compare::Comparison;
 use crate::stages::convert::ModelInfo;
 use crate::stages::parity::ParityReport;
@@ -95,13 +95,20 @@ impl RunRow {
     }
 }
 
-/// The row of one planned run after a build. `saved` is the row saved by the run's last
-/// build, reused when every stage key is the same (only the counts and time are new).
-pub fn build_row(engine: &Engine, report: &BuildReport, run: &str, planned: &PlannedRun, saved: Option<RunRow>) -> RunRow {
+/// The row of one planned run after a build; `nodes` are the run's nodes in `report` (see
+/// [`BuildReport::by_label`]). `saved` is the row saved by the run's last build, reused when
+/// every stage key is the same (only the counts and time are new).
+pub fn build_row(
+    engine: &Engine,
+    report: &BuildReport,
+    nodes: &[&NodeReport],
+    run: &str,
+    planned: &PlannedRun,
+    saved: Option<RunRow>,
+) -> RunRow {
     if let Some(error) = &planned.error {
         return RunRow::failed(run, error.clone());
     }
-    let nodes: Vec<_> = report.nodes.iter().filter(|n| n.labels.contains(&planned.label)).collect();
     let built = nodes.iter().filter(|n| matches!(n.outcome, Outcome::Built { .. })).count();
     let fresh = nodes.iter().filter(|n| matches!(n.outcome, Outcome::Fresh | Outcome::Restored { .. })).count();
     let seconds = nodes.iter().map(|n| if let Outcome::Built { duration } = n.outcome { duration.as_secs_f64() } else { 0.0 }).sum();
@@ -111,7 +118,7 @@ pub fn build_row(engine: &Engine, report: &BuildReport, run: &str, planned: &Pla
     });
     let keys = (error.is_none()).then(|| {
         let mut h = blake3::Hasher::new_derive_key("mkonnx.run-keys.v1");
-        for n in &nodes {
+        for n in nodes {
             h.update(n.key.map(|k| *k.as_bytes()).unwrap_or_default().as_slice());
         }
         h.finalize().to_hex()[..32].to_string()

@@ -164,15 +164,22 @@ impl BuildReport {
     /// under each of its labels; unlabelled nodes under none.
     pub fn runs(&self) -> Vec<RunSummary<'_>> {
         let mut runs: Vec<RunSummary<'_>> = Vec::new();
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for n in &self.nodes {
             for label in &n.labels {
-                match runs.iter_mut().find(|r| r.label == label) {
-                    Some(r) => r.nodes.push(n),
-                    None => runs.push(RunSummary { label, nodes: vec![n] }),
-                }
+                let i = *index.entry(label.as_str()).or_insert_with(|| {
+                    runs.push(RunSummary { label, nodes: Vec::new() });
+                    runs.len() - 1
+                });
+                runs[i].nodes.push(n);
             }
         }
         runs
+    }
+
+    /// The nodes of each label (run), in graph order; a shared node is under each label.
+    pub fn by_label(&self) -> std::collections::HashMap<&str, Vec<&NodeReport>> {
+        self.runs().into_iter().map(|r| (r.label, r.nodes)).collect()
     }
 }
 
@@ -242,6 +249,9 @@ struct BuildCx<'a> {
     done: Vec<OnceLock<Finished>>,
     sched: Mutex<Sched>,
     wake: Condvar,
+    /// Keys whose stage failed in this build, with the error: another node with the same
+    /// key (runs sharing a checkpoint and config) fails at once instead of running it again.
+    failed_keys: Mutex<BTreeMap<Hash, Arc<anyhow::Error>>>,
 }
 
 /// An attempt at a node failed because the store's copy of something is bad.
@@ -337,6 +347,7 @@ impl Engine {
             done: (0..n).map(|_| OnceLock::new()).collect(),
             sched: Mutex::new(Sched { ready, waiting, finished: 0 }),
             wake: Condvar::new(),
+            failed_keys: Mutex::new(BTreeMap::new()),
         };
         let workers = self.jobs.clamp(1, n.max(1));
         std::thread::scope(|s| {
@@ -394,9 +405,12 @@ impl Engine {
             // worker would wait for it forever.
             let finished = catch_unwind(AssertUnwindSafe(|| self.process(cx, h)))
                 .unwrap_or_else(|p| Finished::failed(h, None, anyhow!("internal error: {}", panic_message(&*p))));
-            if !finished.outcome.is_ok() {
+            let node = cx.graph.node(h);
+            if !finished.outcome.is_ok() && !node.materializations.is_empty() {
                 // What it published for earlier inputs does not belong to the inputs now.
-                self.withdraw_outputs(cx, h, &[]);
+                if let Ok(Some(previous)) = self.store.node_record(&node.id.0) {
+                    self.withdraw_outputs(cx, h, &previous, &[]);
+                }
             }
             if let Some(observer) = cx.opts.observer {
                 let _ = catch_unwind(AssertUnwindSafe(|| observer(&BuildEvent::Finished { node: h, outcome: &finished.outcome })));
@@ -528,12 +542,29 @@ impl Engine {
                 if let Some(observer) = cx.opts.observer {
                     observer(&BuildEvent::Started { node: h });
                 }
+                let failed_before = cx.failed_keys.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
+                if let Some(error) = failed_before {
+                    return Ok(Finished::failed(
+                        h,
+                        Some(key),
+                        anyhow!("{error:#} (the same stage with the same inputs failed earlier in this build)"),
+                    ));
+                }
                 match self.run_stage(node, files, upstream, key) {
                     Ok((result, duration)) => {
                         stored = Some(result);
                         built = Some(duration);
                     }
-                    Err(e) => return Ok(Finished::failed(h, Some(key), e)),
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        cx.failed_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(key, e.clone());
+                        return Ok(Finished {
+                            done: Done::Failed { root: h },
+                            outcome: Outcome::Failed { error: e },
+                            key: Some(key),
+                            file_hashes: Vec::new(),
+                        });
+                    }
                 }
             }
             drop(lock);
@@ -545,7 +576,10 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
         };
-        self.withdraw_outputs(cx, h, &plan);
+        let previous = self.store.node_record(&node.id.0).map_err(MatError::Other)?;
+        if let Some(previous) = &previous {
+            self.withdraw_outputs(cx, h, previous, &plan);
+        }
         let mut restored = Vec::new();
         for (dest, _, blob) in &plan {
             if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == *blob) {
@@ -595,7 +629,6 @@ impl Engine {
                 .collect(),
         };
         // A no-op build writes nothing: the record is rewritten only when it changed.
-        let previous = self.store.node_record(&node.id.0).map_err(MatError::Other)?;
         if previous.as_ref() != Some(&record) {
             self.store.put_node_record(&node.id.0, &record, cx.hasher.now_ns()).map_err(MatError::Other)?;
         }
@@ -620,19 +653,15 @@ impl Engine {
     /// a model or an evaluation of other inputs; a rebuild with `--visualizations 2` after 8
     /// leaves 2 pictures. Best effort: a file that cannot be removed stays, and the store is
     /// not touched.
-    fn withdraw_outputs(&self, cx: &BuildCx<'_>, h: NodeHandle, keep: &[PlannedCopy]) {
+    fn withdraw_outputs(&self, cx: &BuildCx<'_>, h: NodeHandle, previous: &NodeRecord, keep: &[PlannedCopy]) {
         let node = cx.graph.node(h);
-        if node.materializations.is_empty() {
-            return;
-        }
-        let Ok(Some(previous)) = self.store.node_record(&node.id.0) else { return };
         for m in &previous.materializations {
             let dest = Path::new(&m.dest);
             if !node.owns(dest) || keep.iter().any(|(d, _, _)| d == dest) || cx.graph.writer_of(dest).is_some_and(|w| w != h) {
                 continue;
             }
-            if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == m.blob) {
-                let _ = fs::remove_file(dest);
+            if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == m.blob) && fs::remove_file(dest).is_ok() {
+                cx.hasher.forget(dest);
             }
         }
     }

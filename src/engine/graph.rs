@@ -192,6 +192,9 @@ pub struct Graph {
     by_id: HashMap<NodeId, NodeHandle>,
     /// Materialization destination -> node, to refuse two nodes writing one file.
     dests: HashMap<PathBuf, NodeHandle>,
+    /// File input paths as given -> resolved: the stages of a run share its checkpoint, and
+    /// resolving a path costs a system call per component.
+    resolved: HashMap<PathBuf, PathBuf>,
 }
 
 impl Graph {
@@ -226,7 +229,15 @@ impl Graph {
         }
         let mut files = Vec::with_capacity(spec.files.len());
         for (input, path) in spec.files {
-            files.push((input, resolve(&path)?));
+            let resolved = match self.resolved.get(&path) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = resolve(&path)?;
+                    self.resolved.insert(path, r.clone());
+                    r
+                }
+            };
+            files.push((input, resolved));
         }
         let mut materializations = Vec::with_capacity(spec.materializations.len());
         for m in spec.materializations {

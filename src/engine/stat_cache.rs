@@ -126,6 +126,11 @@ pub(crate) struct FileHasher {
     /// inode, size, mtime and ctime is a hard link to the same bytes (a fleet of runs that
     /// share one checkpoint file), so it is not read again.
     by_stat: Mutex<HashMap<FileStat, StatRecord>>,
+    /// Records read from the store's stat cache in this build, by path: a checkpoint that
+    /// four stages of a run take as input is looked up once.
+    looked_up: Mutex<HashMap<PathBuf, Option<StatRecord>>>,
+    /// What [`FileHasher::hash`] answered for each path in this build.
+    seen: Mutex<HashMap<PathBuf, (Hash, FileStat)>>,
     files_read: AtomicUsize,
     bytes_read: AtomicU64,
 }
@@ -138,13 +143,28 @@ impl FileHasher {
             margin_ns,
             pending: Mutex::new(HashMap::new()),
             by_stat: Mutex::new(HashMap::new()),
+            looked_up: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             files_read: AtomicUsize::new(0),
             bytes_read: AtomicU64::new(0),
         }
     }
 
-    /// The content hash of the file at `path` (absolute), and the stat it had.
+    /// The content hash of the file at `path` (absolute), and the stat it had. A path is
+    /// looked at once per build (as make and ninja stat each file once): the stages of a
+    /// run share its checkpoint, and the runs of a fleet their sample image. The engine's
+    /// own writes update what was seen ([`FileHasher::record_written`]), and a stage's inputs
+    /// are stat'ed again after it ran.
     pub(crate) fn hash(&self, path: &Path) -> Result<(Hash, FileStat), EngineError> {
+        if let Some(seen) = self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(path) {
+            return Ok(*seen);
+        }
+        let hashed = self.hash_now(path)?;
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(path.to_path_buf(), hashed);
+        Ok(hashed)
+    }
+
+    fn hash_now(&self, path: &Path) -> Result<(Hash, FileStat), EngineError> {
         let before = self.clock.now_ns();
         let stat = FileStat::of(path).map_err(|e| EngineError::io("stat", path, e))?;
         if let Some(record) = self.cached(path)? {
@@ -176,6 +196,7 @@ impl FileHasher {
     /// so a file written within the racy window is re-read once later.
     pub(crate) fn record_written(&self, path: &Path, hash: Hash, written_ns: i64) -> Result<(), EngineError> {
         let stat = FileStat::of(path).map_err(|e| EngineError::io("stat", path, e))?;
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(path.to_path_buf(), (hash, stat));
         self.remember(path, StatRecord { stat, hash, recorded_ns: written_ns });
         Ok(())
     }
@@ -184,16 +205,26 @@ impl FileHasher {
         self.clock.now_ns()
     }
 
+    /// Forgets what was seen of `path` in this build (the engine just removed it).
+    pub(crate) fn forget(&self, path: &Path) {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).remove(path);
+    }
+
     fn cached(&self, path: &Path) -> Result<Option<StatRecord>, EngineError> {
         let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = pending.get(path) {
             return Ok(Some(*r));
         }
         drop(pending);
-        match path.to_str() {
-            Some(p) => self.store.stat_get(p),
-            None => Ok(None),
+        if let Some(r) = self.looked_up.lock().unwrap_or_else(PoisonError::into_inner).get(path) {
+            return Ok(*r);
         }
+        let record = match path.to_str() {
+            Some(p) => self.store.stat_get(p)?,
+            None => None,
+        };
+        self.looked_up.lock().unwrap_or_else(PoisonError::into_inner).insert(path.to_path_buf(), record);
+        Ok(record)
     }
 
     fn remember(&self, path: &Path, record: StatRecord) {

@@ -150,6 +150,10 @@ pub struct Store {
     root: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
+    /// A second connection for a worker that finds the first busy, opened when first
+    /// needed: the workers of a no-op build over a fleet do little but query the store, and
+    /// on one connection they mostly wait for each other. SQLite (WAL) reads in parallel.
+    second: std::sync::OnceLock<Option<Mutex<Connection>>>,
     /// This process's scratch space; `None` when the store is read-only.
     session: Option<Session>,
     scratch_counter: AtomicU64,
@@ -219,6 +223,7 @@ impl Store {
                         root,
                         db_path,
                         conn: Mutex::new(conn),
+                        second: std::sync::OnceLock::from(None),
                         session: None,
                         scratch_counter: AtomicU64::new(0),
                         verified: Mutex::new(std::collections::HashMap::new()),
@@ -258,6 +263,7 @@ impl Store {
             root,
             db_path,
             conn: Mutex::new(conn),
+            second: std::sync::OnceLock::new(),
             session: Some(new_session(&tmp)?),
             scratch_counter: AtomicU64::new(0),
             verified: Mutex::new(std::collections::HashMap::new()),
@@ -284,8 +290,25 @@ impl Store {
 
     /// Runs `f` on the connection, mapping errors to [`EngineError::Sqlite`].
     pub(crate) fn db<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, EngineError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conn = match self.conn.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => match self.second.get_or_init(|| self.open_second()) {
+                Some(second) => second.lock().unwrap_or_else(PoisonError::into_inner),
+                None => self.conn.lock().unwrap_or_else(PoisonError::into_inner),
+            },
+        };
         f(&mut conn).map_err(|e| EngineError::sqlite(&self.db_path, e))
+    }
+
+    /// Opens the second connection (see [`Store::second`]); `None` if it cannot be had, and
+    /// the first is shared.
+    fn open_second(&self) -> Option<Mutex<Connection>> {
+        let conn = Connection::open(&self.db_path).ok()?;
+        conn.busy_timeout(BUSY_TIMEOUT).ok()?;
+        conn.pragma_update(None, "synchronous", "NORMAL").ok()?;
+        conn.pragma_update(None, "foreign_keys", "ON").ok()?;
+        Some(Mutex::new(conn))
     }
 
     fn corrupt(&self, what: String) -> EngineError {
@@ -349,20 +372,22 @@ impl Store {
     /// The result stored under `key`, if any, and whether all its blobs are on disk.
     pub(crate) fn lookup_result(&self, key: &Hash) -> Result<Option<(StoredResult, bool)>, EngineError> {
         let k = key.to_hex();
-        let row = self.db(|c| {
-            let head = c
-                .prepare_cached("SELECT output_hash, duration_ms FROM results WHERE key = ?1")?
-                .query_row([&k], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .optional()?;
-            let Some(head) = head else { return Ok(None) };
-            let mut stmt = c.prepare_cached("SELECT name, blob FROM result_artifacts WHERE key = ?1")?;
-            let arts =
-                stmt.query_map([&k], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some((head, arts)))
+        // One query (a no-op build asks this of every node): the result's row joined with its
+        // artifacts; a result without artifacts comes back as one row of NULL name and blob.
+        let rows = self.db(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT r.output_hash, r.duration_ms, a.name, a.blob
+                 FROM results r LEFT JOIN result_artifacts a ON a.key = r.key WHERE r.key = ?1",
+            )?;
+            let rows = stmt.query_map([&k], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, Option<String>>(3)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
-        let Some(((output_hash, duration_ms), arts)) = row else {
+        let Some((output_hash, duration_ms, _, _)) = rows.first().cloned() else {
             return Ok(None);
         };
+        let arts = rows.into_iter().filter_map(|(_, _, name, blob)| Some((name?, blob?)));
         let mut artifacts = BTreeMap::new();
         for (name, blob) in arts {
             artifacts.insert(name, self.parse_hash(&blob, "result artifact")?);

@@ -67,10 +67,12 @@ pub struct PlannedRun {
     pub error: Option<String>,
 }
 
-/// Adds a dataset's files (index + every image) as file inputs of a node.
+/// Adds a dataset's files (index + every image, once each even when several lines name
+/// the same image) as file inputs of a node.
 fn with_dataset(mut spec: NodeSpec, ds: &Dataset) -> NodeSpec {
     spec = spec.file(evaluate::DATASET_INDEX_INPUT, ds.dir.join(INDEX_FILE));
-    for img in &ds.images {
+    let mut seen = std::collections::HashSet::new();
+    for img in ds.images.iter().filter(|img| seen.insert(img.image.as_str())) {
         spec = spec.file(format!("image:{}", img.image), ds.image_path(img));
     }
     spec
