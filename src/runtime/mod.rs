@@ -146,8 +146,8 @@ fn image_error(path: &Path, message: String) -> RuntimeError {
 
 /// An image whose header has been read and whose size is within [`MAX_IMAGE_PIXELS`].
 enum Header<'a, R> {
-    /// A JPEG, for libjpeg-turbo.
-    Jpeg(mozjpeg::Decompress<R>),
+    /// A JPEG, for libjpeg-turbo (boxed: libjpeg's state is ~650 bytes).
+    Jpeg(Box<mozjpeg::Decompress<R>>),
     /// Anything else (PNG), for the `image` crate.
     Other(Box<dyn image::ImageDecoder + 'a>),
 }
@@ -159,7 +159,7 @@ impl<'a, R: BufRead + Seek + 'a> Header<'a, R> {
         let err = |message: String| image_error(path, message);
         let is_jpeg = reader.fill_buf().map_err(|e| err(e.to_string()))?.starts_with(&[0xFF, 0xD8, 0xFF]);
         let header = if is_jpeg {
-            Header::Jpeg(libjpeg(|| mozjpeg::Decompress::with_err(jpeg_error_manager()).from_reader(reader)).map_err(err)?)
+            Header::Jpeg(Box::new(libjpeg(|| mozjpeg::Decompress::with_err(jpeg_error_manager()).from_reader(reader)).map_err(err)?))
         } else {
             let mut reader = image::ImageReader::new(reader).with_guessed_format().map_err(|e| err(e.to_string()))?;
             // The pixel check below is the limit; this lets every image under it through, in
@@ -190,7 +190,7 @@ impl<'a, R: BufRead + Seek + 'a> Header<'a, R> {
 }
 
 /// Decodes a JPEG to interleaved RGB with libjpeg-turbo's decoder.
-fn decode_jpeg<R: BufRead>(jpeg: mozjpeg::Decompress<R>) -> Result<(usize, usize, Vec<u8>), String> {
+fn decode_jpeg<R: BufRead>(jpeg: Box<mozjpeg::Decompress<R>>) -> Result<(usize, usize, Vec<u8>), String> {
     let mut started = libjpeg(|| jpeg.rgb())?;
     let (w, h) = (started.width(), started.height());
     let rgb: Vec<u8> = libjpeg(|| started.read_scanlines())?;
