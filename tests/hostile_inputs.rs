@@ -153,7 +153,7 @@ fn config_numbers_out_of_range_name_file_key_and_range() {
         ("box_detections_per_img", "0", "model.box_detections_per_img", "an integer in [1, 1000000]"),
         ("rpn_pre_nms_top_n_test", "-150", "model.rpn_pre_nms_top_n_test", "an integer in [1, 1000000]"),
         ("kwargs.rpn_post_nms_top_n_test", "1e300", "model.kwargs.rpn_post_nms_top_n_test", "an integer in [1, 1000000]"),
-        ("num_classes", "0", "model.num_classes", "an integer in [1, 1000000]"),
+        ("kwargs.num_classes", "0", "model.kwargs.num_classes", "an integer in [1, 1000000]"),
     ] {
         case.model_key(key, value);
         let o = case.convert();
@@ -306,9 +306,9 @@ fn image_paths_outside_the_dataset_name_the_line() {
 #[test]
 fn a_byte_order_mark_is_skipped_and_the_dataset_evaluates() {
     let case = Case::new();
-    let ok = encode(&noise(48, 40), image::ImageFormat::Png);
-    let index = format!("\u{feff}{}{}", line("data/a.png", ", \"id\": 11"), line("data/a.png", ", \"id\": 12"));
-    let ds = case.dataset("bom", &index, &[("data/a.png", &ok)]);
+    let (a, b) = (encode(&noise(48, 40), image::ImageFormat::Png), encode(&noise(40, 48), image::ImageFormat::Png));
+    let index = format!("\u{feff}{}{}", line("data/a.png", ", \"id\": 11"), line("data/b.png", ", \"id\": 12"));
+    let ds = case.dataset("bom", &index, &[("data/a.png", &a), ("data/b.png", &b)]);
     let (o, _, _) = case.evaluate(&ds);
     assert!(o.status.success(), "{}", text(&o));
     let gt = std::fs::read_to_string(case.run.join("eval_bom_model_onnx/ground_truth_coco.json")).unwrap();
