@@ -1,7 +1,20 @@
 //! A detection dataset directory: `dataset.jsonl` (one image per line) and `data/`.
 
+use super::range::Range;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+/// Allowed image ids: COCO ids are written to JSON, and readers that parse JSON numbers as
+/// doubles (JavaScript, many JSON libraries) would silently merge ids above 2^53 - 1; larger
+/// ids also used to wrap negative in the int64 COCO files.
+pub const ID_RANGE: Range = Range::integer(0, (1 << 53) - 1);
+/// Allowed labels: 1-indexed, 0 is the background.
+pub const LABEL_RANGE: Range = Range::integer(1, u32::MAX as u64);
+/// Allowed declared `width`/`height`: positive, and no side can be longer than the decoders'
+/// pixel limit.
+pub const SIDE_RANGE: Range = Range::integer(1, crate::runtime::MAX_IMAGE_PIXELS);
 
 /// Errors reading a dataset; each names the file and, for a bad line, the line number.
 #[derive(Debug, thiserror::Error)]
@@ -62,16 +75,45 @@ pub struct Dataset {
     pub images: Vec<DatasetImage>,
 }
 
+/// A line as written. The integers are read as JSON values so that a float, a negative or a
+/// too-large number gets the range in its message rather than serde's type error.
 #[derive(Deserialize)]
 struct Line {
     image: Option<String>,
     #[serde(default)]
     boxes: Vec<Vec<f64>>,
     #[serde(default)]
-    labels: Vec<i64>,
-    width: Option<u32>,
-    height: Option<u32>,
-    id: Option<u64>,
+    labels: Vec<Value>,
+    width: Option<Value>,
+    height: Option<Value>,
+    id: Option<Value>,
+}
+
+/// `v` as an integer in `range`, else a message naming `what`, the range and the value.
+fn integer_in(v: &Value, what: &str, range: Range) -> Result<u64, String> {
+    // In range means integral, non-negative (every range here starts at 0 or 1) and below
+    // 2^53, so the cast is exact.
+    v.as_f64().filter(|&x| range.contains(x)).map(|x| x as u64).ok_or_else(|| format!("{what} should be {range}, found {v}"))
+}
+
+/// Whether `image` (as written in a line) names a file inside the dataset directory: a
+/// relative path whose `..` components never climb above it. Checked on the text, not the
+/// file system: a symlink inside the directory is the dataset author's choice (datasets
+/// sharing an image pool use them) and is followed.
+fn stays_inside(image: &str) -> bool {
+    let mut depth = 0usize;
+    for c in Path::new(image).components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => return false,
+            Component::CurDir => {}
+            Component::ParentDir => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            Component::Normal(_) => depth += 1,
+        }
+    }
+    true
 }
 
 /// The index file name inside a dataset directory.
@@ -86,7 +128,11 @@ impl Dataset {
             return Err(DatasetError::NotFound(path));
         }
         let text = std::fs::read_to_string(&path).map_err(|source| DatasetError::Io { path: path.clone(), source })?;
-        let mut images = Vec::new();
+        // Editors on Windows write a byte-order mark; JSON parsers reject it (Python's
+        // `open(..., encoding="utf-8-sig")` skips it).
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let mut images: Vec<DatasetImage> = Vec::new();
+        let mut line_of_id: HashMap<u64, usize> = HashMap::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             if raw.trim().is_empty() {
@@ -95,6 +141,12 @@ impl Dataset {
             let bad = |message: String| DatasetError::BadLine { path: path.clone(), line, message };
             let l: Line = serde_json::from_str(raw).map_err(|e| bad(format!("not a JSON object of the dataset format: {e}")))?;
             let image = l.image.ok_or_else(|| bad("missing \"image\"".into()))?;
+            if !stays_inside(&image) {
+                return Err(bad(format!(
+                    "image path {image:?} is outside the dataset directory (paths are relative to {} and may not climb out of it)",
+                    dir.display()
+                )));
+            }
             if !dir.join(&image).is_file() {
                 return Err(bad(format!("image not found: {}", dir.join(&image).display())));
             }
@@ -114,15 +166,22 @@ impl Dataset {
                 .labels
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| {
-                    u32::try_from(v)
-                        .ok()
-                        .filter(|&v| v >= 1)
-                        .ok_or_else(|| bad(format!("label {i} is {v}; labels are 1-indexed (0 is background)")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let id = l.id.unwrap_or(images.len() as u64);
-            images.push(DatasetImage { line, id, image, boxes, labels, width: l.width, height: l.height });
+                .map(|(i, v)| integer_in(v, &format!("label {i} (labels are 1-indexed, 0 is background)"), LABEL_RANGE).map(|l| l as u32))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            let [width, height] = [("width", &l.width), ("height", &l.height)]
+                .map(|(what, v)| v.as_ref().map(|v| integer_in(v, what, SIDE_RANGE).map(|x| x as u32)).transpose());
+            let (width, height) = (width.map_err(bad)?, height.map_err(bad)?);
+            let id = match &l.id {
+                Some(v) => integer_in(v, "id", ID_RANGE).map_err(bad)?,
+                None => images.len() as u64,
+            };
+            // Two images with one id would pool their ground truth and detections in COCO's
+            // matching and change AP without a word.
+            if let Some(first) = line_of_id.insert(id, line) {
+                return Err(bad(format!("image id {id} is also the id of line {first} (COCO image ids must be unique)")));
+            }
+            images.push(DatasetImage { line, id, image, boxes, labels, width, height });
         }
         if images.is_empty() {
             return Err(DatasetError::Empty(path));
@@ -189,5 +248,71 @@ mod tests {
             let e = Dataset::load(d.path()).unwrap_err().to_string();
             assert!(e.contains("dataset.jsonl") && e.contains(expect), "{e}");
         }
+    }
+
+    #[test]
+    fn numbers_are_checked_against_their_range() {
+        let d = tempfile::tempdir().unwrap();
+        let line = |extra: &str| format!("{{\"image\": \"data/a.png\", \"boxes\": [[0,0,1,1]], \"labels\": [1]{extra}}}\n");
+        for (extra, expect) in [
+            (", \"id\": 18446744073709551615", ":1: id should be an integer in [0, 9007199254740991], found 18446744073709551615"),
+            (", \"id\": 9223372036854775808", "found 9223372036854775808"),
+            (", \"id\": -1", "id should be an integer in [0, 9007199254740991], found -1"),
+            (", \"id\": 1.5", "found 1.5"),
+            (", \"id\": \"7\"", "found \"7\""),
+            (", \"width\": 0, \"height\": 5", "width should be an integer in [1, 89478485], found 0"),
+            (", \"width\": 5, \"height\": 4294967296", "height should be an integer in [1, 89478485]"),
+        ] {
+            write(d.path(), &line(extra));
+            let e = Dataset::load(d.path()).unwrap_err().to_string();
+            assert!(e.contains("dataset.jsonl") && e.contains(expect), "{extra}: {e}");
+        }
+        write(d.path(), "{\"image\": \"data/a.png\", \"boxes\": [[0,0,1,1]], \"labels\": [1.5]}\n");
+        let e = Dataset::load(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: label 0 (labels are 1-indexed, 0 is background) should be an integer in [1, 4294967295], found 1.5"),
+            "{e}"
+        );
+        write(d.path(), &line(", \"id\": 9007199254740991, \"width\": 3, \"height\": 2"));
+        let img = &Dataset::load(d.path()).unwrap().images[0];
+        assert_eq!((img.id, img.width, img.height), (9007199254740991, Some(3), Some(2)));
+    }
+
+    #[test]
+    fn duplicate_ids_name_both_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let a = "{\"image\": \"data/a.png\", \"id\": 3}\n";
+        write(d.path(), &format!("{a}\n{{\"image\": \"data/a.png\"}}\n{a}"));
+        let e = Dataset::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("dataset.jsonl:4: image id 3 is also the id of line 1"), "{e}");
+        // An explicit id equal to another line's implicit one (its 0-based index) too.
+        write(d.path(), "{\"image\": \"data/a.png\"}\n{\"image\": \"data/a.png\", \"id\": 0}\n");
+        let e = Dataset::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains(":2: image id 0 is also the id of line 1"), "{e}");
+    }
+
+    #[test]
+    fn image_paths_stay_inside_the_dataset() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ds");
+        write(&dir, "");
+        std::fs::write(root.path().join("secret.png"), b"png").unwrap();
+        let outside = root.path().join("secret.png");
+        for image in ["../secret.png", "data/../../secret.png", outside.to_str().unwrap()] {
+            std::fs::write(dir.join(INDEX_FILE), format!("{{\"image\": {image:?}}}\n")).unwrap();
+            let e = Dataset::load(&dir).unwrap_err().to_string();
+            assert!(e.contains("dataset.jsonl:1: image path") && e.contains("is outside the dataset directory"), "{image}: {e}");
+        }
+        // `..` that stays inside and `./` are fine; so is a symlink inside pointing out.
+        std::os::unix::fs::symlink(&outside, dir.join("data/link.png")).unwrap();
+        std::fs::write(dir.join(INDEX_FILE), "{\"image\": \"./data/../data/a.png\"}\n{\"image\": \"data/link.png\"}\n").unwrap();
+        assert_eq!(Dataset::load(&dir).unwrap().images.len(), 2);
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "\u{feff}{\"image\": \"data/a.png\", \"id\": 4}\n");
+        assert_eq!(Dataset::load(d.path()).unwrap().images[0].id, 4);
     }
 }

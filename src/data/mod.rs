@@ -3,4 +3,5 @@
 pub mod checkpoint;
 pub mod dataset;
 pub mod hydra;
+pub mod range;
 pub mod run_dir;

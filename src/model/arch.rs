@@ -1,5 +1,6 @@
 //! torchvision's FasterRCNN constructors and their inference hyperparameters.
 
+use crate::data::range::Range;
 use serde::{Deserialize, Serialize};
 
 /// The four torchvision FasterRCNN constructors mkonnx converts.
@@ -124,6 +125,26 @@ pub struct DetectorParams {
     /// Maximum detections per image.
     pub box_detections_per_img: usize,
 }
+
+/// Allowed `min_size` and `max_size` (every element of a `min_size` list): image sides in
+/// pixels, positive as torchvision's resize needs; the bound is above any side an image
+/// under the decoders' pixel limit is resized to, and catches values that used to wrap
+/// (4294967616 read as 320).
+pub const SIZE_RANGE: Range = Range::integer(1, 10_000);
+/// Allowed counts: `num_classes`, `rpn_pre_nms_top_n_test`, `rpn_post_nms_top_n_test`,
+/// `box_detections_per_img`. At least 1 (0 keeps nothing and makes shapes ONNX Runtime
+/// rejects); the bound is far above the ~300k anchors of a 1333 px image.
+pub const COUNT_RANGE: Range = Range::integer(1, 1_000_000);
+/// Allowed score and IoU thresholds (`rpn_nms_thresh`, `rpn_score_thresh`,
+/// `box_score_thresh`, `box_nms_thresh`): scores are probabilities and IoUs lie in [0, 1],
+/// where every value has a meaning.
+pub const THRESHOLD_RANGE: Range = Range::closed(0.0, 1.0);
+/// Allowed `image_mean` entries: images are in 0..1 (0..255 style means are in range too);
+/// the bound keeps the normalization finite in float32.
+pub const MEAN_RANGE: Range = Range::closed(-1e6, 1e6);
+/// Allowed `image_std` entries: the normalization divides by them, so each must be > 0 (a
+/// zero made every pixel infinite: no detections, and parity "OK" on both sides).
+pub const STD_RANGE: Range = Range::positive(1e6);
 
 /// torchvision's BoxCoder clamp on dw/dh: `math.log(1000.0 / 16)`.
 pub const BBOX_XFORM_CLIP: f64 = 4.135166556742356;

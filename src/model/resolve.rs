@@ -1,9 +1,9 @@
 //! Which detector a run trained: architecture and hyperparameters from the Hydra config,
 //! completed and checked against the checkpoint's weights (DESIGN section 1).
 
-use super::arch::{Architecture, DetectorParams};
+use super::arch::{Architecture, DetectorParams, COUNT_RANGE, MEAN_RANGE, SIZE_RANGE, STD_RANGE, THRESHOLD_RANGE};
 use super::weights::Weights;
-use crate::data::hydra::{as_float, as_float3, as_uint, ConfigError, TrainingConfig};
+use crate::data::hydra::{as_float3, as_number, as_uint, ConfigError, TrainingConfig};
 use std::path::{Path, PathBuf};
 
 /// Errors resolving the detector.
@@ -105,7 +105,7 @@ pub fn resolve(config: &TrainingConfig, weights: &Weights, checkpoint: &Path) ->
                 // The two MobileNet constructors have the same weights; the 320 variant is
                 // recognised by its input size.
                 Family::MobileNetV3 => match config.kwarg("min_size") {
-                    Some((k, v)) if as_uint(&config.path, k, v)? <= 320 => Architecture::MobileNetV3Large320Fpn,
+                    Some((k, v)) if as_uint(&config.path, k, v, SIZE_RANGE)? <= 320 => Architecture::MobileNetV3Large320Fpn,
                     _ => Architecture::MobileNetV3LargeFpn,
                 },
             };
@@ -119,7 +119,7 @@ pub fn resolve(config: &TrainingConfig, weights: &Weights, checkpoint: &Path) ->
         let path = &config.path;
         match name {
             "num_classes" => {
-                let n = as_uint(path, key, v)? as usize;
+                let n = as_uint(path, key, v, COUNT_RANGE)? as usize;
                 if n != num_classes {
                     return Err(ResolveError::Contradiction {
                         config: path.clone(),
@@ -132,17 +132,18 @@ pub fn resolve(config: &TrainingConfig, weights: &Weights, checkpoint: &Path) ->
                     });
                 }
             }
-            "min_size" => p.min_size = as_uint(path, key, v)? as u32,
-            "max_size" => p.max_size = as_uint(path, key, v)? as u32,
-            "image_mean" => p.image_mean = as_float3(path, key, v)?,
-            "image_std" => p.image_std = as_float3(path, key, v)?,
-            "rpn_pre_nms_top_n_test" => p.rpn_pre_nms_top_n_test = as_uint(path, key, v)? as usize,
-            "rpn_post_nms_top_n_test" => p.rpn_post_nms_top_n_test = as_uint(path, key, v)? as usize,
-            "rpn_nms_thresh" => p.rpn_nms_thresh = as_float(path, key, v)? as f32,
-            "rpn_score_thresh" => p.rpn_score_thresh = as_float(path, key, v)? as f32,
-            "box_score_thresh" => p.box_score_thresh = as_float(path, key, v)? as f32,
-            "box_nms_thresh" => p.box_nms_thresh = as_float(path, key, v)? as f32,
-            "box_detections_per_img" => p.box_detections_per_img = as_uint(path, key, v)? as usize,
+            // The casts are exact: each range is far inside u32.
+            "min_size" => p.min_size = as_uint(path, key, v, SIZE_RANGE)? as u32,
+            "max_size" => p.max_size = as_uint(path, key, v, SIZE_RANGE)? as u32,
+            "image_mean" => p.image_mean = as_float3(path, key, v, MEAN_RANGE)?,
+            "image_std" => p.image_std = as_float3(path, key, v, STD_RANGE)?,
+            "rpn_pre_nms_top_n_test" => p.rpn_pre_nms_top_n_test = as_uint(path, key, v, COUNT_RANGE)? as usize,
+            "rpn_post_nms_top_n_test" => p.rpn_post_nms_top_n_test = as_uint(path, key, v, COUNT_RANGE)? as usize,
+            "rpn_nms_thresh" => p.rpn_nms_thresh = as_number(path, key, v, THRESHOLD_RANGE)? as f32,
+            "rpn_score_thresh" => p.rpn_score_thresh = as_number(path, key, v, THRESHOLD_RANGE)? as f32,
+            "box_score_thresh" => p.box_score_thresh = as_number(path, key, v, THRESHOLD_RANGE)? as f32,
+            "box_nms_thresh" => p.box_nms_thresh = as_number(path, key, v, THRESHOLD_RANGE)? as f32,
+            "box_detections_per_img" => p.box_detections_per_img = as_uint(path, key, v, COUNT_RANGE)? as usize,
             "fixed_size" if !v.is_null() => {
                 return Err(ResolveError::Unsupported {
                     config: path.clone(),

@@ -101,7 +101,9 @@ impl Stage for ResolveModel {
         "resolve_model"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: config numbers are range-checked; a store may hold results of configs that
+        // version 1 accepted wrongly (min_size 4294967616 as 320).
+        2
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let checkpoint = ctx.input_file("checkpoint")?.to_path_buf();

@@ -77,15 +77,15 @@ impl Stage for GroundTruth {
 /// Categories are 1..=max(names, largest label): categories without ground truth do not
 /// change COCO's means, and every labelled class must be listed.
 pub fn ground_truth(ds: &Dataset, class_names: &[String]) -> anyhow::Result<CocoGroundTruth> {
-    let sizes: Vec<(u32, u32)> =
-        ds.images
-            .par_iter()
-            .map(|img| match (img.width, img.height) {
-                (Some(w), Some(h)) => Ok((w, h)),
-                _ => image::image_dimensions(ds.image_path(img))
-                    .with_context(|| format!("reading the size of {}", ds.image_path(img).display())),
-            })
-            .collect::<anyhow::Result<_>>()?;
+    let sizes: Vec<(u32, u32)> = ds
+        .images
+        .par_iter()
+        .map(|img| match (img.width, img.height) {
+            (Some(w), Some(h)) => Ok((w, h)),
+            // The decoders' own header read (by content, with their pixel limit).
+            _ => Ok(crate::runtime::image_size(&ds.image_path(img))?),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let mut gt = CocoGroundTruth::default();
     for (img, (w, h)) in ds.images.iter().zip(sizes) {
         gt.images.push(CocoImage { id: img.id as i64, file_name: Some(img.image.clone()), width: Some(w), height: Some(h) });
