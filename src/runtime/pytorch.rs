@@ -278,6 +278,9 @@ impl PytorchRunner {
         let input = self.input.as_mut().expect("stdin is open until drop");
         match write(input).and_then(|_| input.flush()) {
             Ok(()) => Ok(()),
+            // A runner that exits at once (a wrong binary, a crash on start) closes its pipe
+            // before or while it is written to: say the same thing either way.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(self.died("it exited without an answer")),
             Err(e) => Err(self.died(&format!("writing to it failed: {e}"))),
         }
     }
