@@ -1,4 +1,4 @@
-//! `mkonnx build` end to end on a real trained run: the outputs of DESIGN section 3, the
+//! `mkonnx build` end to end on a real trained run: the outputs of docs/DESIGN.md section 3, the
 //! comparison, and the build engine's promises — a rerun does nothing, each input change
 //! reruns exactly the stages that depend on it, deleted outputs are restored, concurrent
 //! processes build each stage once, and a killed build leaves the next one correct.

@@ -305,3 +305,59 @@ fn a_runner_from_another_build_is_refused() {
         assert!(!dir.join("onnx_model/model.onnx").exists(), "a model whose parity was never checked was published");
     }
 }
+
+/// A stand-in runner of this very build that sees nothing in any image: the parity check of
+/// every real model then fails.
+fn blind_runner(dir: &Path) -> PathBuf {
+    let fake = dir.join("blind-runner");
+    let ready = serde_json::json!({ "ready": { "identity": mkonnx::build_identity() } });
+    let script = format!(
+        "#!/bin/sh\nread setup\necho '{ready}'\nwhile read header; do echo '{{\"detections\":[{{\"boxes\":[],\"scores\":[],\"labels\":[]}}]}}'; done\n"
+    );
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fake
+}
+
+#[test]
+fn a_model_that_fails_its_parity_check_is_not_published() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = copy_run("mobilenet_v3_large_320_fpn", &t.path().join("run"), false);
+    let index = std::fs::read_to_string(eval_dataset().join("dataset.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(index.lines().next().unwrap()).unwrap();
+    let image = eval_dataset().join(first["image"].as_str().unwrap());
+    let store = t.path().join("store");
+    let build = |runner: Option<&Path>, extra: &[&str]| {
+        let mut c = mkonnx_command_for(&mkonnx_binary(), &store);
+        if let Some(r) = runner {
+            c.env("MKONNX_TORCH_RUNNER", r);
+        }
+        c.args(["build", dir.to_str().unwrap(), "--image-input", image.to_str().unwrap(), "--json"]).args(extra);
+        c.output().unwrap()
+    };
+    let model = dir.join("onnx_model/model.onnx");
+    let summary = || std::fs::read_to_string(dir.join("onnx_model/conversion_summary.txt")).unwrap();
+
+    // Published by a good build, then withdrawn when the check fails.
+    let o = build(None, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(model.is_file());
+    let blind = blind_runner(t.path());
+    let o = build(Some(&blind), &["--force"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("parity FAILED") && stderr.contains("not published"), "{stderr}");
+    assert!(!model.exists(), "a model that disagrees with PyTorch is still where deployments pick it up");
+    assert!(summary().contains("NOT published"), "{}", summary());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["runs"][0]["result"], "failed");
+    assert_eq!(v["runs"][0]["parity"], "FAILED");
+
+    // --keep-failed-parity publishes it, says so, and the run succeeds.
+    let o = build(Some(&blind), &["--keep-failed-parity"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(model.is_file());
+    assert!(summary().contains("published anyway"), "{}", summary());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["runs"][0]["parity"], "FAILED (kept)");
+}

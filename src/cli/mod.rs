@@ -43,6 +43,12 @@ use std::process::ExitCode;
 
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
+    // ONNX Runtime (1.29 and later) writes a device id under ~/.cache/Microsoft and sends
+    // telemetry unless told not to before it starts; a build tool writes only its outputs
+    // and its store. Set here, while the process has one thread; a user's own value wins.
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -276,7 +282,24 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
 
     if a.json {
+        // The report's rows, each with the details a script may want besides: every stage's
+        // outcome, the comparison and the parity check in full, the model's path.
         let mut json: serde_json::Value = serde_json::from_str(&report::render(&rows, report::Format::Json))?;
+        if let Some(json_rows) = json["runs"].as_array_mut() {
+            for (row, ((_, run), p)) in json_rows.iter_mut().zip(runs.iter().zip(&planned)) {
+                let nodes = by_label.get(p.label.as_str()).map(Vec::as_slice).unwrap_or_default();
+                row["stages"] =
+                    nodes.iter().map(|n| serde_json::json!({ "stage": n.stage, "outcome": outcome_name(&n.outcome) })).collect();
+                row["comparison"] = serde_json::to_value(
+                    p.compare.and_then(|h| report::read_artifact::<Comparison>(&engine, &report, h, "comparison.json")),
+                )?;
+                row["parity_check"] =
+                    serde_json::to_value(p.parity.and_then(|h| report::read_artifact::<ParityReport>(&engine, &report, h, "parity.json")))?;
+                let published = p.publish.is_some_and(|h| report.get(h).outcome.is_ok());
+                row["onnx_model"] =
+                    if published { run.onnx_dir().join("model.onnx").display().to_string().into() } else { serde_json::Value::Null };
+            }
+        }
         json["elapsed_s"] = report.elapsed.as_secs_f64().into();
         out!("{}", serde_json::to_string_pretty(&json)?);
     } else if a.run_dirs.len() > 1 {
@@ -295,4 +318,15 @@ fn report_command(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     let rows = report::report_rows(&engine, &runs, a.checkpoint_path.as_deref())?;
     out_raw!("{}", report::render(&rows, a.format));
     Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One word per outcome, for `--json`.
+fn outcome_name(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Fresh => "fresh",
+        Outcome::Restored { .. } => "restored",
+        Outcome::Built { .. } => "built",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Skipped { .. } => "skipped",
+    }
 }

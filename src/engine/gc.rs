@@ -128,6 +128,33 @@ impl Engine {
             }
         }
 
+        // Quarantined blobs were kept for a post-mortem of the damage; gc is the user saying
+        // the store may forget. Reports of runs whose directory is gone go with them.
+        let quarantine = self.store.root().join("quarantine");
+        if quarantine.is_dir() {
+            for entry in read_dir(&quarantine)? {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    report.bytes_freed += size;
+                    report.scratch_removed += 1;
+                }
+            }
+        }
+        if opts.prune_missing {
+            let runs: Vec<String> = self.store.db(|c| {
+                let mut s = c.prepare("SELECT run FROM run_reports")?;
+                let rows = s.query_map([], |r| r.get(0))?.collect();
+                rows
+            })?;
+            let gone: Vec<&String> = runs.iter().filter(|r| !Path::new(r.as_str()).is_dir()).collect();
+            self.store.db(|c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                for run in &gone {
+                    tx.execute("DELETE FROM run_reports WHERE run = ?1", [run])?;
+                }
+                tx.commit()
+            })?;
+        }
         report.scratch_removed += self.store.remove_dead_sessions();
         let locks = self.store.root().join("locks");
         for entry in read_dir(&locks)? {

@@ -18,7 +18,7 @@ pub struct Tolerance {
     pub box_px: f32,
 }
 
-/// The DESIGN contract for ONNX vs torchvision eager: 1e-3 in score, 0.1 px in box.
+/// The contract (docs/DESIGN.md section 2) for ONNX vs torchvision eager: 1e-3 in score, 0.1 px in box.
 pub const ONNX_TOLERANCE: Tolerance = Tolerance { score: 1e-3, box_px: 0.1 };
 
 /// The outcome of comparing two detection lists.

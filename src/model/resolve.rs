@@ -1,5 +1,5 @@
 //! Which detector a run trained: architecture and hyperparameters from the Hydra config,
-//! completed and checked against the checkpoint's weights (DESIGN section 1).
+//! completed and checked against the checkpoint's weights (docs/DESIGN.md section 1).
 
 use super::arch::{Architecture, DetectorParams, COUNT_RANGE, MEAN_RANGE, SIZE_RANGE, STD_RANGE, THRESHOLD_RANGE};
 use super::weights::Weights;

@@ -8,7 +8,7 @@
 //! 1. opens the zip and checks its `byteorder` record (`archive.rs`),
 //! 2. interprets `data.pkl` with an opcode interpreter that builds inert data and never
 //!    imports or calls anything (`pickle.rs`): unknown globals become named opaque values,
-//! 3. finds the state dict as DESIGN.md section 1 describes (bare, or under
+//! 3. finds the state dict as docs/DESIGN.md section 1 describes (bare, or under
 //!    `model_state_dict` / `state_dict` / `model`; `module.` / `model.` prefixes stripped
 //!    when every key has one) and
 //! 4. reads only the storages that state dict uses, gathering each tensor's strided view

@@ -1,4 +1,4 @@
-//! Finding the state dict inside an unpickled checkpoint (DESIGN.md section 1) and
+//! Finding the state dict inside an unpickled checkpoint (docs/DESIGN.md section 1) and
 //! reading its tensors.
 
 use std::collections::HashMap;
