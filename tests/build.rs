@@ -44,7 +44,7 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     let ds_name = eval_dataset().file_name().unwrap().to_string_lossy().into_owned();
 
     let first = build_json(&run_dir, &store, &[]);
-    assert_eq!(rebuilt(&first).len(), 8, "{first:#}");
+    assert_eq!(rebuilt(&first).len(), 9, "{first:#}");
     let onnx_eval = run_dir.join(format!("eval_{ds_name}_model_onnx"));
     let pt_eval = run_dir.join(format!("eval_{ds_name}_best_model_pth"));
     for f in [
@@ -106,7 +106,16 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     let v = build_json(&run_dir, &store, &[]);
     assert_eq!(
         rebuilt(&v),
-        ["compare", "conversion_summary", "evaluate_onnx", "evaluate_pytorch", "export_onnx", "parity_check", "resolve_model"],
+        [
+            "compare",
+            "conversion_summary",
+            "evaluate_onnx",
+            "evaluate_pytorch",
+            "export_onnx",
+            "parity_check",
+            "publish_model",
+            "resolve_model"
+        ],
         "{v:#}"
     );
     std::fs::write(&config, &original).unwrap();
@@ -139,7 +148,7 @@ fn build_writes_the_contract_outputs_and_reruns_only_what_changed() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         rebuilt(&v),
-        ["compare", "conversion_summary", "evaluate_onnx", "evaluate_pytorch", "ground_truth", "parity_check"],
+        ["compare", "conversion_summary", "evaluate_onnx", "evaluate_pytorch", "ground_truth", "parity_check", "publish_model"],
         "{v:#}"
     );
 

@@ -141,7 +141,7 @@ fn a_broken_run_does_not_stop_the_others() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2, "{v:#}");
-    assert!(runs.iter().all(|r| r["ok"] == false), "{v:#}");
+    assert!(runs.iter().all(|r| r["result"] == "failed"), "{v:#}");
     let errors = v.to_string();
     assert!(errors.contains("not valid YAML") && errors.contains("Run directory not found"), "{v:#}");
 }

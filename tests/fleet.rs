@@ -123,6 +123,13 @@ fn make_fleet(root: &Path) -> BTreeMap<&'static str, FleetRun> {
     fleet
 }
 
+/// The evaluation dataset's first image (the parity sample of a dataset build).
+fn first_image() -> PathBuf {
+    let index = std::fs::read_to_string(eval_dataset().join("dataset.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(index.lines().next().unwrap()).unwrap();
+    eval_dataset().join(first["image"].as_str().unwrap())
+}
+
 /// Every file under `dir` except the run's own inputs, by relative path, with its bytes.
 fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
@@ -284,9 +291,7 @@ fn a_build_from_other_sources_reruns_the_export() {
 fn a_runner_from_another_build_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let dir = copy_run("mobilenet_v3_large_320_fpn", &t.path().join("run"), false);
-    let index = std::fs::read_to_string(eval_dataset().join("dataset.jsonl")).unwrap();
-    let first: Value = serde_json::from_str(index.lines().next().unwrap()).unwrap();
-    let image = eval_dataset().join(first["image"].as_str().unwrap());
+    let image = first_image();
     for (reply, expect) in [
         (r#"{"ready":{"identity":"mkonnx 0.1.0 (src 0000000000000000, onnxruntime 1.31.1, libtorch 2.13.0)"}}"#, "src 0000000000000000"),
         (r#""ready""#, "does not speak this protocol"),
@@ -323,9 +328,7 @@ fn blind_runner(dir: &Path) -> PathBuf {
 fn a_model_that_fails_its_parity_check_is_not_published() {
     let t = tempfile::tempdir().unwrap();
     let dir = copy_run("mobilenet_v3_large_320_fpn", &t.path().join("run"), false);
-    let index = std::fs::read_to_string(eval_dataset().join("dataset.jsonl")).unwrap();
-    let first: Value = serde_json::from_str(index.lines().next().unwrap()).unwrap();
-    let image = eval_dataset().join(first["image"].as_str().unwrap());
+    let image = first_image();
     let store = t.path().join("store");
     let build = |runner: Option<&Path>, extra: &[&str]| {
         let mut c = mkonnx_command_for(&mkonnx_binary(), &store);

@@ -161,20 +161,21 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         .label(&label),
     )?;
     let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
+    // An evaluation: the dataset's files, the resolved model and the ground truth in, its
+    // directory of metrics, predictions and pictures out.
+    let evaluation = |stage: NodeSpec, dest: std::path::PathBuf| {
+        with_dataset(stage, ds).label(&label).input("model", model).input("ground_truth", gt).materialize_dir("", dest)
+    };
     let onnx_eval = g.add(
-        with_dataset(
+        evaluation(
             NodeSpec::new(evaluate::EvaluateOnnx {
                 visualizations: req.visualizations,
                 vis_score_thresh: req.vis_score_thresh,
                 threads: req.threads,
             }),
-            ds,
+            onnx_eval_dir,
         )
-        .label(&label)
-        .input("model", model)
-        .input("onnx", onnx)
-        .input("ground_truth", gt)
-        .materialize_dir("", onnx_eval_dir),
+        .input("onnx", onnx),
     )?;
     let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
     let cmp = match evaluate::find_user_evaluation(&pt_dir) {
@@ -196,20 +197,16 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         }
         None => {
             let pt = g.add(
-                with_dataset(
+                evaluation(
                     NodeSpec::new(parity::EvaluatePytorch {
                         device: req.device,
                         threads: req.threads,
                         visualizations: req.visualizations,
                         vis_score_thresh: req.vis_score_thresh,
                     }),
-                    ds,
+                    pt_dir,
                 )
-                .label(&label)
-                .file("checkpoint", &run.checkpoint)
-                .input("model", model)
-                .input("ground_truth", gt)
-                .materialize_dir("", pt_dir),
+                .file("checkpoint", &run.checkpoint),
             )?;
             NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
                 .label(&label)
