@@ -173,6 +173,12 @@ impl GraphBuilder {
         self.node1("ScatterND", &[data, indices, updates], &[])
     }
 
+    /// [Mod](https://onnx.ai/onnx/operators/onnx__Mod.html) of integers (`fmod = 0`: the result takes the
+    /// divisor's sign, as Python's `%`; the same as C's for the non-negative values mkonnx uses).
+    pub fn modulo(&mut self, a: &Value, b: &Value) -> Value {
+        self.node1("Mod", &[a, b], &[("fmod", Attr::Int(0))])
+    }
+
     /// [Cast](https://onnx.ai/onnx/operators/onnx__Cast.html).
     pub fn cast(&mut self, x: &Value, to: DataType) -> Value {
         self.node1("Cast", &[x], &[("to", Attr::Int(to as i64))])
