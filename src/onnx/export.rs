@@ -675,9 +675,10 @@ fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value],
     let eps = g.scalar_f32(1e-6);
     let l = g.add(&l, &eps);
     let l = g.floor(&l);
-    let zero = g.scalar_f32(0.0);
-    let k_min = g.sub(&zero, &exponents[0]);
-    let k_max = g.sub(&zero, &exponents[levels.len() - 1]);
+    // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first
+    // input into the producer of the second and compute e - 0 (see eager_resize_hw).
+    let k_min = g.neg(&exponents[0]);
+    let k_max = g.neg(&exponents[levels.len() - 1]);
     let l = g.clip(&l, &k_min, &k_max);
     let target = g.sub(&l, &k_min);
 

@@ -47,6 +47,8 @@ impl GraphBuilder {
         floor => "Floor",
         /// [Round](https://onnx.ai/onnx/operators/onnx__Round.html): half to even, like torch.round.
         round => "Round",
+        /// [Neg](https://onnx.ai/onnx/operators/onnx__Neg.html).
+        neg => "Neg",
         /// [Not](https://onnx.ai/onnx/operators/onnx__Not.html).
         not => "Not",
         /// [Shape](https://onnx.ai/onnx/operators/onnx__Shape.html): int64 [rank].
