@@ -209,8 +209,8 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
 ///   dividend is below 2^24. So every product here stays below 2^31, every dividend below
 ///   2^24, and large values are compared through the sign of their (exact) difference.
 ///
-/// torchvision's own export (`Reciprocal` + `Mul` in float32) resizes to 319x511 instead of
-/// 320x512 on some images and is wrong there too.
+/// torchvision's own traced export computes the scale as `Reciprocal` + `Mul` in float32 and
+/// is wrong in every runtime: 200x320 → 319x511 instead of 320x512 with 320/640.
 ///
 /// With c/d the chosen ratio (min_size/short or max_size/long) and n = floor(x·c/d), the
 /// doubles give n exactly except where d divides x·c: there the rounding of c/d can leave
