@@ -195,8 +195,8 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
 /// Computed exactly in small-integer arithmetic instead of float64, because runtimes differ
 /// in how they run a float64 shape computation, and a resize one pixel off moves detections
 /// beyond the parity tolerances. OpenVINO 2026.4's CPU plugin:
-/// - runs float64 in float32, which gives a different size for about 6% of image sizes
-///   (16x79 → 269x1332 instead of 269x1333 with 800/1333);
+/// - runs float64 in float32, which gives a different size for some image sizes (16x79 →
+///   269x1332 instead of 269x1333 with 800/1333; 100x317 lost 8 of 9 detections with 320/640);
 /// - miscompiled the float64 form this graph used to have: it fused
 ///   `Div(min_size, ReduceMin(hw))` into the reduce as a post-op scale and computed
 ///   `ReduceMin(hw) / min_size` (`Node::canBePerformedAsScaleShift` accepts a Divide or
@@ -217,8 +217,8 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
 /// x·fl(c/d) just below the integer n, and the truncation gives n − 1. That happens when
 /// fl(c/d) was rounded down and x's share of the rounding error exceeds half the spacing of
 /// doubles below n; both are decided from r = c·2^K mod d, the remainder of the 53-bit
-/// quotient (K = 52 − floor(log2(c/d))). Exact for image sides below 32768 px and sizes
-/// below 65536; checked against Python's doubles for every image size up to 1500 px and
+/// quotient (K = 52 − floor(log2(c/d))). Exact for image sides below 32768 px and min_size,
+/// max_size below 65536; checked against Python's doubles for every image size up to 1500 px and
 /// spot checks up to 32767 px, in ONNX Runtime and OpenVINO (tests/openvino.rs).
 pub fn eager_resize_hw(g: &mut GraphBuilder, hw: &Value, min_size: u32, max_size: u32) -> Value {
     let pow2: Vec<i64> = (0..31).map(|k| 1i64 << k).collect();
