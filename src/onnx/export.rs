@@ -153,22 +153,12 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
     let normalized = g.div(&centred, &std);
 
     // Eager: scale = min(min_size / min(h, w), max_size / max(h, w)) in Python doubles, and
-    // the output size int(size * scale) (truncation); not float32, which is one pixel short
-    // for some sizes.
+    // the output size int(size * scale); reproduced exactly in integers (see eager_resize_hw
+    // for why not in float64 or float32).
     let shape = g.shape(input);
     let batch = g.element(&shape, 0);
     let hw = g.slice_const(&shape, &[2], &[4], &[0]);
-    let hw_f64 = g.cast(&hw, DataType::Double);
-    let short = g.reduce_min(&hw_f64, &[0], true);
-    let long = g.reduce_max(&hw_f64, &[0], true);
-    let min_size = g.scalar_f64(f64::from(p.min_size));
-    let max_size = g.scalar_f64(f64::from(p.max_size));
-    let s1 = g.div(&min_size, &short);
-    let s2 = g.div(&max_size, &long);
-    let scale = g.min(&s1, &s2);
-    let scaled = g.mul(&hw_f64, &scale);
-    let scaled = g.floor(&scaled);
-    let resized_hw = g.cast(&scaled, DataType::Int64);
+    let resized_hw = eager_resize_hw(g, &hw, p.min_size, p.max_size);
     let channels = g.ints(&[3]);
     let out_size = g.concat(&[&batch, &channels, &resized_hw], 0);
     let resized = g.resize_bilinear(&normalized, &out_size);
@@ -196,6 +186,149 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
         padded_w: g.element(&padded_hw, 1),
     };
     (images, sizes)
+}
+
+/// The size eager torchvision resizes an image to: for int64 `hw` [.., 2] (height, width),
+/// `int(x * min(min_size / short, max_size / long))` for x = height and width, with the
+/// division, the product and the truncation in Python doubles. Returns int64 [.., 2].
+///
+/// Computed exactly in small-integer arithmetic instead of float64, because runtimes differ
+/// in how they run a float64 shape computation, and a resize one pixel off moves detections
+/// beyond the parity tolerances. OpenVINO 2026.4's CPU plugin:
+/// - runs float64 in float32, which gives a different size for some image sizes (16x79 →
+///   269x1332 instead of 269x1333 with 800/1333; 100x317 lost 8 of 9 detections with 320/640);
+/// - miscompiled the float64 form this graph used to have: it fused
+///   `Div(min_size, ReduceMin(hw))` into the reduce as a post-op scale and computed
+///   `ReduceMin(hw) / min_size` (`Node::canBePerformedAsScaleShift` accepts a Divide or
+///   Subtract whatever input the fused node feeds, and `getScalesAndShifts` always takes the
+///   constant as divisor or subtrahend), so a 200x320 image became 48x76 instead of 800x1280.
+///   Exposing the reduce as a model output, or a static input shape, hides it. Keep `Div`
+///   and `Sub` with a constant first input away from nodes OpenVINO fuses post-ops into
+///   (reduces, convolutions, matmuls, pooling, ...);
+/// - runs int64 as int32, and integer `Div` and `Mod` through float32: exact only while the
+///   dividend is below 2^24. So every product here stays below 2^31, every dividend below
+///   2^24, and large values are compared through the sign of their (exact) difference.
+///
+/// torchvision's own traced export computes the scale as `Reciprocal` + `Mul` in float32 and
+/// is wrong in every runtime: 200x320 → 319x511 instead of 320x512 with 320/640.
+///
+/// With c/d the chosen ratio (min_size/short or max_size/long) and n = floor(x·c/d), the
+/// doubles give n exactly except where d divides x·c: there the rounding of c/d can leave
+/// x·fl(c/d) just below the integer n, and the truncation gives n − 1. That happens when
+/// fl(c/d) was rounded down and x's share of the rounding error exceeds half the spacing of
+/// doubles below n; both are decided from r = c·2^K mod d, the remainder of the 53-bit
+/// quotient (K = 52 − floor(log2(c/d))). Exact for image sides below 32768 px and min_size,
+/// max_size below 65536; checked against Python's doubles for every image size up to 1500 px and
+/// spot checks up to 32767 px, in ONNX Runtime and OpenVINO (tests/openvino.rs).
+pub fn eager_resize_hw(g: &mut GraphBuilder, hw: &Value, min_size: u32, max_size: u32) -> Value {
+    let pow2: Vec<i64> = (0..31).map(|k| 1i64 << k).collect();
+    let pow2_table = g.ints(&pow2); // 2^0 .. 2^30, indexed by exponent
+    let pow2_from_1 = g.ints(&pow2[1..]); // 2^1 .. 2^30
+    let zero = g.scalar_i64(0);
+    let one = g.scalar_i64(1);
+    let byte = g.scalar_i64(256);
+    let count_true = |g: &mut GraphBuilder, b: &Value, keepdims: bool| {
+        let i = g.cast(b, DataType::Int64);
+        g.reduce_sum(&i, &[-1], keepdims)
+    };
+
+    // The ratio c/d that min() picks: min_size/short <= max_size/long, compared exactly
+    // (equal ratios are equal doubles, and rounding keeps the order of unequal ones).
+    let h = g.slice_const(hw, &[0], &[1], &[-1]);
+    let w = g.slice_const(hw, &[1], &[2], &[-1]);
+    let short = g.min(&h, &w);
+    let long = g.max(&h, &w);
+    let mn = g.scalar_i64(i64::from(min_size));
+    let mx = g.scalar_i64(i64::from(max_size));
+    let a = g.mul(&short, &mx);
+    let b = g.mul(&long, &mn);
+    let margin = g.sub(&a, &b);
+    let by_short = g.greater_or_equal(&margin, &zero);
+    let c = g.where_(&by_short, &mn, &mx); // [.., 1]
+    let d = g.where_(&by_short, &short, &long); // [.., 1]
+
+    // n = floor(x·c/d) and its remainder, by long division over the two bytes of c.
+    let c_hi = g.div(&c, &byte);
+    let c_lo = g.modulo(&c, &byte);
+    let t1 = g.mul(hw, &c_hi);
+    let q1 = g.div(&t1, &d);
+    let r1 = g.modulo(&t1, &d);
+    let r1_shifted = g.mul(&r1, &byte);
+    let x_lo = g.mul(hw, &c_lo);
+    let t2 = g.add(&r1_shifted, &x_lo);
+    let q2 = g.div(&t2, &d);
+    let rem = g.modulo(&t2, &d);
+    let q1_shifted = g.mul(&q1, &byte);
+    let n = g.add(&q1_shifted, &q2); // [.., 2]
+
+    // e = floor(log2(c/d)) = #{k >= 1: d·2^k <= c} − #{k >= 0: c·2^k < d}, without products.
+    let c_down = g.div(&c, &pow2_from_1);
+    let fits_up = g.greater_or_equal(&c_down, &d);
+    let up = count_true(g, &fits_up, true);
+    let d_minus_1 = g.sub(&d, &one);
+    let d_down = g.div(&d_minus_1, &pow2_table);
+    let fits_down = g.greater_or_equal(&d_down, &c);
+    let down_count = count_true(g, &fits_down, true);
+
+    // v = c·2^K mod 2d with K = 52 − e, in steps of 2^8 (dividends below 2^24):
+    // fl(c/d) = (floor(c·2^K / d), or one more) · 2^-K, r = v mod d its remainder.
+    let fifty_two = g.scalar_i64(52);
+    let k_plus = g.add(&down_count, &fifty_two);
+    let mut k = g.sub(&k_plus, &up); // <= 52 + 15 for sides below 2^15
+    let two_d = g.add(&d, &d);
+    let mut v = g.modulo(&c, &two_d);
+    let step = g.scalar_i64(8);
+    for _ in 0..9 {
+        let s = g.min(&k, &step);
+        let factor = g.gather(&pow2_table, &s, 0);
+        let shifted = g.mul(&v, &factor);
+        v = g.modulo(&shifted, &two_d);
+        k = g.sub(&k, &s);
+    }
+    // The quotient rounds down when 2r < d, or 2r == d and it is even (ties to even).
+    let r = g.modulo(&v, &d);
+    let odd = g.greater_or_equal(&v, &d);
+    let two_r = g.add(&r, &r);
+    let below_half = g.greater(&d, &two_r);
+    let at_half = g.equal(&two_r, &d);
+    let even = g.not(&odd);
+    let tie_down = g.and(&at_half, &even);
+    let rounded_down = g.or(&below_half, &tie_down);
+    let inexact = g.greater(&r, &zero);
+    let rounded_down = g.and(&rounded_down, &inexact);
+
+    // x·fl(c/d) = n − x·r·2^(e−52)/d; truncating gives n − 1 iff that shortfall exceeds half
+    // the spacing of doubles below n (2^(e_n−53), or 2^(e_n−54) when n is a power of two; a
+    // tie rounds to n, whose mantissa is even): x·r·2^t > d with t = e + 1 − e_n + [n = 2^e_n].
+    let n_col = g.unsqueeze(&n, &[-1]);
+    let n_fits = g.greater_or_equal(&n_col, &pow2_from_1);
+    let e_n = count_true(g, &n_fits, false); // floor(log2 n), [.., 2]
+    let n_floor_pow2 = g.gather(&pow2_table, &e_n, 0);
+    let is_pow2 = g.equal(&n, &n_floor_pow2);
+    let is_pow2 = g.cast(&is_pow2, DataType::Int64);
+    let up_plus_one = g.add(&up, &one);
+    let t_pos = g.add(&up_plus_one, &is_pow2); // t = t_pos − t_neg
+    let t_neg = g.add(&down_count, &e_n);
+    let thirty = g.scalar_i64(30);
+    let lhs_shift = g.sub(&t_pos, &t_neg);
+    let lhs_shift = g.max(&lhs_shift, &zero);
+    let lhs_shift = g.min(&lhs_shift, &thirty);
+    let rhs_shift = g.sub(&t_neg, &t_pos);
+    let rhs_shift = g.max(&rhs_shift, &zero);
+    let rhs_shift = g.min(&rhs_shift, &thirty);
+    let xr = g.mul(hw, &r);
+    let lhs_factor = g.gather(&pow2_table, &lhs_shift, 0);
+    let lhs = g.mul(&xr, &lhs_factor);
+    let rhs_factor = g.gather(&pow2_table, &rhs_shift, 0);
+    let rhs = g.mul(&d, &rhs_factor);
+    let excess = g.sub(&lhs, &rhs);
+    let short_of_n = g.greater(&excess, &zero);
+
+    let divides = g.equal(&rem, &zero);
+    let corr = g.and(&divides, &rounded_down);
+    let corr = g.and(&corr, &short_of_n);
+    let corr = g.cast(&corr, DataType::Int64);
+    g.sub(&n, &corr)
 }
 
 fn scalar_at(g: &mut GraphBuilder, v: &Value, i: i64) -> Value {
@@ -542,9 +675,10 @@ fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value],
     let eps = g.scalar_f32(1e-6);
     let l = g.add(&l, &eps);
     let l = g.floor(&l);
-    let zero = g.scalar_f32(0.0);
-    let k_min = g.sub(&zero, &exponents[0]);
-    let k_max = g.sub(&zero, &exponents[levels.len() - 1]);
+    // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first
+    // input into the producer of the second and compute e - 0 (see eager_resize_hw).
+    let k_min = g.neg(&exponents[0]);
+    let k_max = g.neg(&exponents[levels.len() - 1]);
     let l = g.clip(&l, &k_min, &k_max);
     let target = g.sub(&l, &k_min);
 

@@ -47,6 +47,8 @@ impl GraphBuilder {
         floor => "Floor",
         /// [Round](https://onnx.ai/onnx/operators/onnx__Round.html): half to even, like torch.round.
         round => "Round",
+        /// [Neg](https://onnx.ai/onnx/operators/onnx__Neg.html).
+        neg => "Neg",
         /// [Not](https://onnx.ai/onnx/operators/onnx__Not.html).
         not => "Not",
         /// [Shape](https://onnx.ai/onnx/operators/onnx__Shape.html): int64 [rank].
@@ -171,6 +173,12 @@ impl GraphBuilder {
     /// [ScatterND](https://onnx.ai/onnx/operators/onnx__ScatterND.html) (overwrite).
     pub fn scatter_nd(&mut self, data: &Value, indices: &Value, updates: &Value) -> Value {
         self.node1("ScatterND", &[data, indices, updates], &[])
+    }
+
+    /// [Mod](https://onnx.ai/onnx/operators/onnx__Mod.html) of integers (`fmod = 0`: the result takes the
+    /// divisor's sign, as Python's `%`; the same as C's for the non-negative values mkonnx uses).
+    pub fn modulo(&mut self, a: &Value, b: &Value) -> Value {
+        self.node1("Mod", &[a, b], &[("fmod", Attr::Int(0))])
     }
 
     /// [Cast](https://onnx.ai/onnx/operators/onnx__Cast.html).
