@@ -5,63 +5,17 @@
 
 mod common;
 use common::*;
-use mkonnx::data::run_dir::RunDir;
 use mkonnx::eval::parity::{compare, Tolerance, ONNX_TOLERANCE};
 use mkonnx::model::Detector;
 use mkonnx::runtime::onnx::OnnxDetector;
 use mkonnx::runtime::{Detections, ImageBatch, RgbImage};
-use mkonnx::stages::convert::load_run_detector;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
 
-fn detector(run: &Value) -> Detector {
-    let root = fixtures_dir();
-    let checkpoint = root.join(run["checkpoint"].as_str().unwrap());
-    let det = load_run_detector(&RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap()).unwrap();
-    assert_eq!(det.arch.constructor(), run["architecture"].as_str().unwrap(), "resolved architecture of {}", run["name"]);
-    det
-}
+use std::path::{Path, PathBuf};
 
 fn export(det: &Detector, dir: &Path) -> PathBuf {
     let path = dir.join(format!("{}.onnx", det.arch));
     std::fs::write(&path, mkonnx::onnx::encode(&mkonnx::onnx::export(det).unwrap())).unwrap();
     path
-}
-
-fn golden(run: &Value) -> Vec<(Value, PathBuf)> {
-    let dir = fixtures_dir().join(run["golden_dir"].as_str().unwrap());
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let g: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
-            let image = eval_dataset().join(g["image"].as_str().unwrap());
-            (g, image)
-        })
-        .collect()
-}
-
-fn detections(g: &Value) -> Detections {
-    let f = |v: &Value| v.as_f64().unwrap() as f32;
-    Detections {
-        boxes: g["boxes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                let b = b.as_array().unwrap();
-                [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
-            })
-            .collect(),
-        scores: g["scores"].as_array().unwrap().iter().map(f).collect(),
-        labels: g["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect(),
-    }
-}
-
-fn rgb_sum(img: &RgbImage) -> u64 {
-    img.chw.iter().map(|v| (v * 255.0).round() as u64).sum()
 }
 
 #[test]
@@ -78,7 +32,7 @@ fn every_architecture_matches_torchvision_eager() {
             assert_eq!(rgb_sum(&img), g["rgb_sum"].as_u64().unwrap(), "{} decodes differently from PIL", image.display());
             sizes.insert((img.height, img.width));
             let ours = onnx.detect(&img.to_batch()).unwrap().remove(0);
-            let r = compare(&detections(&g), &ours, ONNX_TOLERANCE, det.params.box_score_thresh);
+            let r = compare(&golden_detections(&g), &ours, ONNX_TOLERANCE, det.params.box_score_thresh);
             for flip in &r.flips_at_cut {
                 eprintln!("{} {}: near-tie flip at a cut: {flip}", run["name"], g["image"]);
             }

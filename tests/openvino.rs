@@ -11,59 +11,14 @@
 
 mod common;
 use common::*;
-use mkonnx::data::run_dir::RunDir;
 use mkonnx::eval::parity::{compare, Tolerance, ONNX_TOLERANCE};
 use mkonnx::model::Detector;
 use mkonnx::onnx::builder::{Dim, GraphBuilder};
 use mkonnx::onnx::proto::DataType;
 use mkonnx::runtime::{Detections, ImageBatch, RgbImage};
-use mkonnx::stages::convert::load_run_detector;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn detector(run: &Value) -> Detector {
-    let root = fixtures_dir();
-    let checkpoint = root.join(run["checkpoint"].as_str().unwrap());
-    load_run_detector(&RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap()).unwrap()
-}
-
-/// The golden eager outputs of `run` with their images, in file order.
-fn golden(run: &Value) -> Vec<(Value, PathBuf)> {
-    let dir = fixtures_dir().join(run["golden_dir"].as_str().unwrap());
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let g: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
-            let image = eval_dataset().join(g["image"].as_str().unwrap());
-            (g, image)
-        })
-        .collect()
-}
-
-fn golden_detections(g: &Value) -> Detections {
-    let f = |v: &Value| v.as_f64().unwrap() as f32;
-    Detections {
-        boxes: g["boxes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                let b = b.as_array().unwrap();
-                [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
-            })
-            .collect(),
-        scores: g["scores"].as_array().unwrap().iter().map(f).collect(),
-        labels: g["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect(),
-    }
-}
-
-fn rgb_sum(img: &RgbImage) -> u64 {
-    img.chw.iter().map(|v| (v * 255.0).round() as u64).sum()
-}
+use std::path::Path;
 
 /// A tensor handed to or returned by the Python helper: raw little-endian values.
 enum Tensor {

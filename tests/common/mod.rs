@@ -122,3 +122,56 @@ pub fn output_with_peak_rss(cmd: &mut Command) -> (Output, u64) {
     let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024; // kilobytes on Linux
     (Output { status: std::process::ExitStatus::from_raw(status), stdout, stderr }, peak)
 }
+
+/// The resolved detector of a fixture run (checkpoint read natively), checked to be the
+/// architecture the fixture was trained as.
+pub fn detector(run: &Value) -> mkonnx::model::Detector {
+    use mkonnx::data::run_dir::RunDir;
+    let root = fixtures_dir();
+    let checkpoint = root.join(run["checkpoint"].as_str().unwrap());
+    let det = mkonnx::stages::convert::load_run_detector(
+        &RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(det.arch.constructor(), run["architecture"].as_str().unwrap(), "resolved architecture of {}", run["name"]);
+    det
+}
+
+/// The golden eager outputs of `run` with their images, in file order.
+pub fn golden(run: &Value) -> Vec<(Value, PathBuf)> {
+    let dir = fixtures_dir().join(run["golden_dir"].as_str().unwrap());
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let g: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+            let image = eval_dataset().join(g["image"].as_str().unwrap());
+            (g, image)
+        })
+        .collect()
+}
+
+/// A golden file's detections.
+pub fn golden_detections(g: &Value) -> mkonnx::runtime::Detections {
+    let f = |v: &Value| v.as_f64().unwrap() as f32;
+    mkonnx::runtime::Detections {
+        boxes: g["boxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let b = b.as_array().unwrap();
+                [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
+            })
+            .collect(),
+        scores: g["scores"].as_array().unwrap().iter().map(f).collect(),
+        labels: g["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect(),
+    }
+}
+
+/// The sum of an image's 0..255 pixel values (to check a golden was made from this image).
+pub fn rgb_sum(img: &mkonnx::runtime::RgbImage) -> u64 {
+    img.chw.iter().map(|v| (v * 255.0).round() as u64).sum()
+}
