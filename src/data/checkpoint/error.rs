@@ -153,6 +153,62 @@ pub enum CheckpointError {
         detail: String,
     },
 
+    /// Building objects from `data.pkl` would allocate more than its size justifies: a
+    /// pickle that size can only get there by expanding shared (memoized) references over
+    /// and over, which no `torch.save` does.
+    #[error(
+        "{}: data.pkl ({pkl_len} bytes) needs more than its limit of {limit} bytes of objects \
+         (max({} MiB, {} x its size)) {at}: shared references expanded too often",
+        path.display(),
+        super::budget::PICKLE_FLOOR >> 20,
+        super::budget::PICKLE_BYTES_PER_BYTE
+    )]
+    PickleBudget {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// Size of `data.pkl`.
+        pkl_len: usize,
+        /// The limit in bytes.
+        limit: u64,
+        /// Where it was hit (`at REDUCE, byte 1234 of data.pkl`, `converting top-level entry "x"`).
+        at: String,
+    },
+
+    /// Reading a tensor would take the checkpoint's tensor data past what its size
+    /// justifies: a broadcast (stride 0) or overlapping view naming far more elements than
+    /// its storage holds, storages shared by very many tensors, or records that inflate.
+    #[error(
+        "{}: tensor {key:?} (size {shape:?}, stride {stride:?}, {numel} elements of {elem} bytes) \
+         needs {needed} more bytes, past the limit of {limit} bytes of tensor data for a \
+         {file_len}-byte file (2 x its size + {} MiB; {used} bytes used before it){hint}",
+        path.display(),
+        super::budget::TENSOR_SLACK >> 20
+    )]
+    TensorBudget {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The state-dict key (before prefix stripping).
+        key: String,
+        /// The tensor's size as the pickle gives it.
+        shape: Vec<i64>,
+        /// The tensor's stride as the pickle gives it.
+        stride: Vec<i64>,
+        /// Elements the view names.
+        numel: u128,
+        /// Bytes per element.
+        elem: usize,
+        /// Bytes this tensor needs (a storage record read or a gathered copy).
+        needed: u128,
+        /// Bytes charged before it.
+        used: u64,
+        /// The limit in bytes.
+        limit: u64,
+        /// The checkpoint's size.
+        file_len: u64,
+        /// Why the view is suspect, when it names storage elements more than once.
+        hint: String,
+    },
+
     /// Neither the top level nor any of the wrapper keys holds a mapping of names to tensors.
     #[error(
         "{}: no state dict found (looked for a mapping of names to tensors at the top level \
@@ -188,6 +244,8 @@ impl CheckpointError {
             CheckpointError::StorageTooSmall { .. } => "storage_too_small",
             CheckpointError::InvalidTensor { .. } => "invalid_tensor",
             CheckpointError::NoStateDict { .. } => "no_state_dict",
+            CheckpointError::PickleBudget { .. } => "pickle_budget",
+            CheckpointError::TensorBudget { .. } => "tensor_budget",
         }
     }
 }
