@@ -345,9 +345,9 @@ fn read_tensors<R: Read + Seek>(
         let view = View::new(t.offset, &t.shape, &t.stride).map_err(invalid)?;
         let elem = dtype.size();
         // Charge `needed` bytes for this tensor, or say which tensor, view and limit.
-        let charge = |budget: &mut Budget, needed: u64| {
+        let charge = |budget: &mut Budget, needed: u128| {
             let used = budget.used();
-            budget.charge(needed).map_err(|OverBudget { limit }| {
+            budget.charge(u64::try_from(needed).unwrap_or(u64::MAX)).map_err(|OverBudget { limit }| {
                 let numel = numel_wide(&t.shape);
                 // Elements the view can reach, from its offset on: naming more than that
                 // means naming some more than once.
@@ -367,7 +367,7 @@ fn read_tensors<R: Read + Seek>(
                     stride: t.stride.clone(),
                     numel,
                     elem,
-                    needed: u128::from(needed),
+                    needed,
                     used,
                     limit,
                     file_len,
@@ -375,8 +375,8 @@ fn read_tensors<R: Read + Seek>(
                 }
             })
         };
-        // A gathered copy's size: numel fits in usize (View checked), times at most 8.
-        let copy_bytes = u64::try_from(numel_wide(&t.shape).saturating_mul(elem as u128)).unwrap_or(u64::MAX);
+        // A gathered copy's size; exact, even where it would not fit in 64 bits.
+        let copy_bytes = numel_wide(&t.shape).saturating_mul(elem as u128);
         let storage_key = t.storage.key.as_str();
         let record = archive.record_name(&format!("data/{storage_key}"));
         let missing = || CheckpointError::MissingStorage { path: path.to_path_buf(), key: key(), record: record.clone() };
@@ -400,7 +400,7 @@ fn read_tensors<R: Read + Seek>(
             && cfg!(target_endian = "little")
         {
             let mut values =
-                archive.record_f32(&format!("data/{storage_key}"), |size| charge(&mut budget, size))?.ok_or_else(missing)?;
+                archive.record_f32(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into()))?.ok_or_else(missing)?;
             let available = declared.min(values.len() as u64 * 4);
             if view.extent as u64 * 4 > available {
                 return Err(too_small(view.extent as u64 * 4, available));
@@ -422,7 +422,7 @@ fn read_tensors<R: Read + Seek>(
         }
         let mut data = match cache.remove(storage_key) {
             Some(d) => d,
-            None => archive.record(&format!("data/{storage_key}"), |size| charge(&mut budget, size))?.ok_or_else(missing)?,
+            None => archive.record(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into()))?.ok_or_else(missing)?,
         };
         // The storage is as large as torch declared it, and no larger than its record.
         let available = declared.min(data.len() as u64);
