@@ -1094,6 +1094,23 @@ mod tests {
     }
 
     #[test]
+    fn shared_call_arguments_are_bounded_in_total() {
+        // t = (None,) * 10_000, memoized; then 10_000 calls print(*t): each copies t, 800 MB
+        // in all from a 70 KB pickle without the budget.
+        let mut data = b"\x80\x02(".to_vec();
+        data.extend(std::iter::repeat_n(b'N', 10_000));
+        data.extend_from_slice(b"t\x94cbuiltins\nprint\n\x940");
+        for _ in 0..10_000 {
+            data.extend_from_slice(b"h\x01h\x00R0");
+        }
+        data.extend_from_slice(b"N.");
+        match parse(&data) {
+            Err(PickleError::Budget { opcode: b'R', limit, .. }) => assert_eq!(limit, crate::data::checkpoint::budget::PICKLE_FLOOR),
+            other => panic!("expected the budget to stop a REDUCE: {other:?}"),
+        }
+    }
+
+    #[test]
     fn stop_below_mark_is_an_error() {
         // A MARK hides the values below it: STOP must not pop through it.
         assert!(parse(b"\x80\x02N(.").is_err());
