@@ -45,8 +45,8 @@ impl Pickle {
     fn int(&mut self, v: i64) -> &mut Pickle {
         match v {
             0..=0xff => self.op(&[b'K', v as u8]),
-            0x100..=0xffff => self.op(&[b'M']).op(&(v as u16).to_le_bytes()),
-            _ if i32::try_from(v).is_ok() => self.op(&[b'J']).op(&(v as i32).to_le_bytes()),
+            0x100..=0xffff => self.op(b"M").op(&(v as u16).to_le_bytes()),
+            _ if i32::try_from(v).is_ok() => self.op(b"J").op(&(v as i32).to_le_bytes()),
             _ => self.op(&[0x8a, 8]).op(&v.to_le_bytes()),
         }
     }

@@ -25,10 +25,7 @@ fn weight_sets() -> &'static [Weights] {
             .map(|names| {
                 let one = || WeightTensor { shape: vec![1], data: vec![0.0] };
                 let mut tensors: Vec<(String, WeightTensor)> = names.iter().map(|n| (n.to_string(), one())).collect();
-                tensors.push((
-                    "roi_heads.box_predictor.cls_score.weight".into(),
-                    WeightTensor { shape: vec![3, 2], data: vec![0.0; 6] },
-                ));
+                tensors.push(("roi_heads.box_predictor.cls_score.weight".into(), WeightTensor { shape: vec![3, 2], data: vec![0.0; 6] }));
                 Weights::new(tensors)
             })
             .collect()

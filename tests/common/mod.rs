@@ -97,6 +97,8 @@ pub fn python() -> PathBuf {
 /// Runs `cmd` to completion (stdout and stderr captured) and returns its output with the
 /// child's peak resident memory in bytes, read from the kernel's accounting of that one
 /// process (`wait4`), so tests can bound what a crafted input makes mkonnx allocate.
+// The child is reaped by `wait4`, which clippy does not know.
+#[allow(clippy::zombie_processes)]
 pub fn output_with_peak_rss(cmd: &mut Command) -> (Output, u64) {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;

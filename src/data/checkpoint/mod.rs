@@ -57,7 +57,7 @@ use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::Path;
 
-pub use error::CheckpointError;
+pub use error::{CheckpointError, TensorBudgetError};
 pub use state_dict::{StateDict, STRIP_PREFIXES, WRAPPER_KEYS};
 pub use tensor::{DType, Tensor};
 pub use value::PyValue;

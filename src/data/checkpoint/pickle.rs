@@ -111,9 +111,7 @@ impl Obj {
             Obj::Dict(pairs) => ids(pairs.len()).saturating_mul(2),
             Obj::Global { module, name } => module.len() + name.len(),
             Obj::Storage(s) => s.class.len() + s.key.len(),
-            Obj::Tensor(t) => {
-                t.storage.class.len() + t.storage.key.len() + t.dtype_name.len() + ids(t.shape.len()) + ids(t.stride.len())
-            }
+            Obj::Tensor(t) => t.storage.class.len() + t.storage.key.len() + t.dtype_name.len() + ids(t.shape.len()) + ids(t.stride.len()),
             Obj::Object(o) => o.class.len() + ids(o.args.len()),
         }
     }
@@ -122,10 +120,20 @@ impl Obj {
 /// Why unpickling failed; the caller adds the file path.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum PickleError {
-    UnsupportedOpcode { opcode: u8, offset: usize },
-    Malformed { offset: usize, detail: String },
+    UnsupportedOpcode {
+        opcode: u8,
+        offset: usize,
+    },
+    Malformed {
+        offset: usize,
+        detail: String,
+    },
     /// The objects built so far plus the next one would pass the budget.
-    Budget { offset: usize, opcode: u8, limit: u64 },
+    Budget {
+        offset: usize,
+        opcode: u8,
+        limit: u64,
+    },
 }
 
 type Result<T> = std::result::Result<T, PickleError>;

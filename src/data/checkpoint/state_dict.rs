@@ -10,7 +10,7 @@ use super::budget::{Budget, OverBudget};
 use super::pickle::{Id, Obj, Pickle, TensorRef};
 use super::tensor::{swap_bytes, DType, Tensor, View};
 use super::value::PyValue;
-use super::CheckpointError;
+use super::{CheckpointError, TensorBudgetError};
 
 /// Keys under which trainers nest the state dict, in the order they are tried.
 pub const WRAPPER_KEYS: [&str; 3] = ["model_state_dict", "state_dict", "model"];
@@ -261,9 +261,7 @@ pub(crate) fn extract<R: Read + Seek>(
     // Keys and the extras are copied out of the pickle, where one string or one big list
     // can be shared by every entry: all of it is charged to one budget.
     let mut budget = Budget::pickle(pkl_len);
-    let over = |at: String| {
-        move |OverBudget { limit }| CheckpointError::PickleBudget { path: path.to_path_buf(), pkl_len, limit, at }
-    };
+    let over = |at: String| move |OverBudget { limit }| CheckpointError::PickleBudget { path: path.to_path_buf(), pkl_len, limit, at };
     let Some(sd_id) = sd_id else {
         let (found, top_level_keys) = describe_top(pickle, root, &mut budget).map_err(over("listing the top-level keys".to_owned()))?;
         return Err(CheckpointError::NoStateDict { path: path.to_path_buf(), found, top_level_keys });
@@ -352,15 +350,7 @@ fn read_tensors<R: Read + Seek>(
                 // Elements the view can reach, from its offset on: naming more than that
                 // means naming some more than once.
                 let reach = view.extent.saturating_sub(view.offset) as u128;
-                let hint = if numel > reach {
-                    format!(
-                        "; the view names {numel} elements but reaches only {reach} storage elements: a broadcast \
-                         (stride 0) or overlapping view, which model weights never are"
-                    )
-                } else {
-                    String::new()
-                };
-                CheckpointError::TensorBudget {
+                CheckpointError::TensorBudget(Box::new(TensorBudgetError {
                     path: path.to_path_buf(),
                     key: key(),
                     shape: t.shape.clone(),
@@ -371,8 +361,8 @@ fn read_tensors<R: Read + Seek>(
                     used,
                     limit,
                     file_len,
-                    hint,
-                }
+                    reach: (numel > reach).then_some(reach),
+                }))
             })
         };
         // A gathered copy's size; exact, even where it would not fit in 64 bits.
