@@ -226,7 +226,7 @@ impl CheckpointError {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{}: tensor {key:?} (size {shape:?}, stride {stride:?}, {numel} elements of {elem} bytes) \
-     needs {needed} more bytes, past the limit of {limit} bytes of tensor data for a \
+     needs {needed} more bytes {purpose}, past the limit of {limit} bytes of tensor data for a \
      {file_len}-byte file (2 x its size + {} MiB; {used} bytes used before it){}",
     path.display(),
     super::budget::TENSOR_SLACK >> 20,
@@ -253,6 +253,8 @@ pub struct TensorBudgetError {
     pub elem: usize,
     /// Bytes this tensor needs (a storage record read or a gathered copy).
     pub needed: u128,
+    /// What for: `to read storage record <archive>/data/<n>`, `for a copy of its view`.
+    pub purpose: String,
     /// Bytes charged before it.
     pub used: u64,
     /// The limit in bytes.

@@ -12,6 +12,9 @@
 //! that: a memoized container is filled *after* it was first referenced (`BINPUT` then
 //! `SETITEMS`), and later `BINGET`s must see the filled object. The arena also makes
 //! cycles and deep nesting harmless: nothing here recurses over the object graph.
+//! Sharing is what makes a small pickle expensive (a memoized tuple passed to any number
+//! of calls, each copying it), so every object is charged, with what it holds, against
+//! [`Budget::pickle`] of the pickle's length, and past it unpickling stops with an error.
 
 use std::collections::HashMap;
 
@@ -239,8 +242,10 @@ struct Machine<'a> {
     /// Stack heights at each MARK (Python's "metastack").
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
-    /// What the objects may hold in total: the arena's objects, and every item or byte
-    /// added to a container after it was built.
+    /// What the objects may hold in total: the arena's objects, every copy of an argument
+    /// tuple, and every item added to a container after it was built. The stack, marks and
+    /// memo are not charged: each entry costs at least one opcode byte, so they grow only
+    /// linearly with `data` (at most about 40 bytes per byte).
     budget: Budget,
 }
 

@@ -343,7 +343,7 @@ fn read_tensors<R: Read + Seek>(
         let view = View::new(t.offset, &t.shape, &t.stride).map_err(invalid)?;
         let elem = dtype.size();
         // Charge `needed` bytes for this tensor, or say which tensor, view and limit.
-        let charge = |budget: &mut Budget, needed: u128| {
+        let charge = |budget: &mut Budget, needed: u128, purpose: &dyn Fn() -> String| {
             let used = budget.used();
             budget.charge(u64::try_from(needed).unwrap_or(u64::MAX)).map_err(|OverBudget { limit }| {
                 let numel = numel_wide(&t.shape);
@@ -358,6 +358,7 @@ fn read_tensors<R: Read + Seek>(
                     numel,
                     elem,
                     needed,
+                    purpose: purpose(),
                     used,
                     limit,
                     file_len,
@@ -369,6 +370,7 @@ fn read_tensors<R: Read + Seek>(
         let copy_bytes = numel_wide(&t.shape).saturating_mul(elem as u128);
         let storage_key = t.storage.key.as_str();
         let record = archive.record_name(&format!("data/{storage_key}"));
+        let read_record = || format!("to read its storage record {record}");
         let missing = || CheckpointError::MissingStorage { path: path.to_path_buf(), key: key(), record: record.clone() };
         let too_small = |needed: u64, available: u64| CheckpointError::StorageTooSmall {
             path: path.to_path_buf(),
@@ -389,8 +391,9 @@ fn read_tensors<R: Read + Seek>(
             && !archive.big_endian
             && cfg!(target_endian = "little")
         {
-            let mut values =
-                archive.record_f32(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into()))?.ok_or_else(missing)?;
+            let mut values = archive
+                .record_f32(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into(), &read_record))?
+                .ok_or_else(missing)?;
             let available = declared.min(values.len() as u64 * 4);
             if view.extent as u64 * 4 > available {
                 return Err(too_small(view.extent as u64 * 4, available));
@@ -408,11 +411,13 @@ fn read_tensors<R: Read + Seek>(
         // A copy is charged before its storage is even read: a broadcast view of a tiny
         // storage fails here, whatever the storage.
         if view.numel > 0 && !handed_over {
-            charge(&mut budget, copy_bytes)?;
+            charge(&mut budget, copy_bytes, &|| "for a copy of its view".to_owned())?;
         }
         let mut data = match cache.remove(storage_key) {
             Some(d) => d,
-            None => archive.record(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into()))?.ok_or_else(missing)?,
+            None => archive
+                .record(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into(), &read_record))?
+                .ok_or_else(missing)?,
         };
         // The storage is as large as torch declared it, and no larger than its record.
         let available = declared.min(data.len() as u64);
