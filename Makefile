@@ -57,6 +57,21 @@ lint: .cargo/config.toml ## rustfmt check + clippy -D warnings
 	cargo fmt --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
+# Each fuzz target runs FUZZ_SECONDS from seeds made with the venv's torch (fuzz/corpus/, not
+# committed); libFuzzer counts any allocation or RSS over 1 GB as a failure. The harness
+# needs nightly features: RUSTC_BOOTSTRAP=1 lets the stable toolchain provide them.
+FUZZ_SECONDS ?= 200
+FUZZ_TARGETS ?= checkpoint checkpoint_pickle dataset config
+.PHONY: fuzz
+fuzz: $(STAMPS)/venv .cargo/config.toml ## fuzz the checkpoint, pickle, dataset and config readers, FUZZ_SECONDS (200) each
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	$(PY) fuzz/make_seeds.py
+	RUSTC_BOOTSTRAP=1 cargo fuzz build -O
+	for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) \
+	    -rss_limit_mb=1024 -malloc_limit_mb=1024 -print_final_stats=1 || exit 1; \
+	done
+
 fmt: ## format the code
 	cargo fmt
 

@@ -64,7 +64,7 @@ impl<R: Read + Seek> Archive<R> {
         let mut archive = Archive { zip, path: path.to_path_buf(), prefix, big_endian: false, file_len };
         // No byteorder record means little-endian: torch wrote none before 1.11 (and
         // only little-endian machines ran it in practice).
-        if let Some(order) = archive.record("byteorder")? {
+        if let Some(order) = archive.record("byteorder", |_| Ok(()))? {
             match order.as_slice() {
                 b"little" => {}
                 b"big" => archive.big_endian = true,
@@ -84,9 +84,14 @@ impl<R: Read + Seek> Archive<R> {
         format!("{}{name}", self.prefix)
     }
 
+    /// The size of the checkpoint file.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
     /// The bytes of `<archive>/data.pkl`.
     pub fn data_pkl(&mut self) -> Result<Vec<u8>, CheckpointError> {
-        match self.record("data.pkl")? {
+        match self.record("data.pkl", |_| Ok(()))? {
             Some(bytes) => Ok(bytes),
             None => Err(CheckpointError::MissingDataPkl { path: self.path.clone(), entries: Vec::new() }),
         }
@@ -94,18 +99,33 @@ impl<R: Read + Seek> Archive<R> {
 
     /// The bytes of record `<archive>/<name>`, `None` when the archive has no such record.
     /// Reading checks the record's CRC, so damaged data is an error, not wrong weights.
-    pub fn record(&mut self, name: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
-        self.read_record(name)
+    /// `admit` sees the record's declared size before anything is allocated for it, and
+    /// refuses it with an error (a budget).
+    pub fn record(
+        &mut self,
+        name: &str,
+        admit: impl FnOnce(u64) -> Result<(), CheckpointError>,
+    ) -> Result<Option<Vec<u8>>, CheckpointError> {
+        self.read_record(name, admit)
     }
 
     /// Record `<archive>/<name>` read straight into float32 values (native byte order: the
-    /// caller checks that it is the archive's), `None` when there is no such record.
-    pub fn record_f32(&mut self, name: &str) -> Result<Option<Vec<f32>>, CheckpointError> {
-        self.read_record(name)
+    /// caller checks that it is the archive's), `None` when there is no such record;
+    /// `admit` as for [`Archive::record`].
+    pub fn record_f32(
+        &mut self,
+        name: &str,
+        admit: impl FnOnce(u64) -> Result<(), CheckpointError>,
+    ) -> Result<Option<Vec<f32>>, CheckpointError> {
+        self.read_record(name, admit)
     }
 
     /// A record as elements of `T`, read into one buffer of the declared size.
-    fn read_record<T: bytemuck::Pod>(&mut self, name: &str) -> Result<Option<Vec<T>>, CheckpointError> {
+    fn read_record<T: bytemuck::Pod>(
+        &mut self,
+        name: &str,
+        admit: impl FnOnce(u64) -> Result<(), CheckpointError>,
+    ) -> Result<Option<Vec<T>>, CheckpointError> {
         let full = self.record_name(name);
         let corrupt = |path: &Path, e: &dyn std::fmt::Display| CheckpointError::CorruptZip {
             path: path.to_path_buf(),
@@ -131,14 +151,16 @@ impl<R: Read + Seek> Archive<R> {
             return Err(corrupt(&self.path, &format!("holds {declared} bytes, not a whole number of {elem}-byte elements")));
         }
         let n = usize::try_from(declared / elem).map_err(|e| corrupt(&self.path, &e))?;
+        admit(declared)?;
         // Zeroed by the allocator (fresh pages from the OS), not by a pass over the buffer;
         // bounded by the file's size, checked above.
         let mut values: Vec<T> = bytemuck::zeroed_vec(n);
         file.read_exact(bytemuck::cast_slice_mut(&mut values))
             .map_err(|e| corrupt(&self.path, &format!("holds fewer bytes than the {declared} its directory says ({e})")))?;
-        // Reading on to the end checks the CRC, and that nothing follows.
+        // Reading on to the end checks the CRC, and that nothing follows. One byte at most:
+        // a compressed record can inflate to any size past what its directory says.
         let mut rest = Vec::new();
-        file.read_to_end(&mut rest).map_err(|e| corrupt(&self.path, &e))?;
+        (&mut file).take(1).read_to_end(&mut rest).map_err(|e| corrupt(&self.path, &e))?;
         if !rest.is_empty() {
             return Err(corrupt(&self.path, &format!("holds more bytes than the {declared} its directory says")));
         }

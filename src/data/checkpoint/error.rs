@@ -153,6 +153,34 @@ pub enum CheckpointError {
         detail: String,
     },
 
+    /// Building objects from `data.pkl` would allocate more than its size justifies: a
+    /// pickle that size can only get there by expanding shared (memoized) references over
+    /// and over, which no `torch.save` does.
+    #[error(
+        "{}: data.pkl ({pkl_len} bytes) needs more than its limit of {limit} bytes of objects \
+         (max({} MiB, {} x its size)) {at}: shared references expanded too often",
+        path.display(),
+        super::budget::PICKLE_FLOOR >> 20,
+        super::budget::PICKLE_BYTES_PER_BYTE
+    )]
+    PickleBudget {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// Size of `data.pkl`.
+        pkl_len: usize,
+        /// The limit in bytes.
+        limit: u64,
+        /// Where it was hit (`at REDUCE, byte 1234 of data.pkl`, `converting top-level entry "x"`).
+        at: String,
+    },
+
+    /// Reading a tensor would take the checkpoint's tensor data past what its size
+    /// justifies: a broadcast (stride 0) or overlapping view naming far more elements than
+    /// its storage holds, storages shared by very many tensors, or records that inflate.
+    /// (Boxed: the details are many, and every `Result` of the reader carries this type.)
+    #[error(transparent)]
+    TensorBudget(Box<TensorBudgetError>),
+
     /// Neither the top level nor any of the wrapper keys holds a mapping of names to tensors.
     #[error(
         "{}: no state dict found (looked for a mapping of names to tensors at the top level \
@@ -188,6 +216,52 @@ impl CheckpointError {
             CheckpointError::StorageTooSmall { .. } => "storage_too_small",
             CheckpointError::InvalidTensor { .. } => "invalid_tensor",
             CheckpointError::NoStateDict { .. } => "no_state_dict",
+            CheckpointError::PickleBudget { .. } => "pickle_budget",
+            CheckpointError::TensorBudget(_) => "tensor_budget",
         }
     }
+}
+
+/// The details of [`CheckpointError::TensorBudget`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: tensor {key:?} (size {shape:?}, stride {stride:?}, {numel} elements of {elem} bytes) \
+     needs {needed} more bytes {purpose}, past the limit of {limit} bytes of tensor data for a \
+     {file_len}-byte file (2 x its size + {} MiB; {used} bytes used before it){}",
+    path.display(),
+    super::budget::TENSOR_SLACK >> 20,
+    match reach {
+        Some(reach) => format!(
+            "; the view names {numel} elements but reaches only {reach} storage elements: a broadcast \
+             (stride 0) or overlapping view, which model weights never are"
+        ),
+        None => String::new(),
+    }
+)]
+pub struct TensorBudgetError {
+    /// The checkpoint path.
+    pub path: PathBuf,
+    /// The state-dict key (before prefix stripping).
+    pub key: String,
+    /// The tensor's size as the pickle gives it.
+    pub shape: Vec<i64>,
+    /// The tensor's stride as the pickle gives it.
+    pub stride: Vec<i64>,
+    /// Elements the view names.
+    pub numel: u128,
+    /// Bytes per element.
+    pub elem: usize,
+    /// Bytes this tensor needs (a storage record read or a gathered copy).
+    pub needed: u128,
+    /// What for: `to read storage record <archive>/data/<n>`, `for a copy of its view`.
+    pub purpose: String,
+    /// Bytes charged before it.
+    pub used: u64,
+    /// The limit in bytes.
+    pub limit: u64,
+    /// The checkpoint's size.
+    pub file_len: u64,
+    /// The storage elements the view can reach, when it names more elements than that
+    /// (so names some more than once: a broadcast or overlapping view).
+    pub reach: Option<u128>,
 }

@@ -17,6 +17,27 @@
 //! Storage records are read whole with their CRC checked, so a damaged file is an error,
 //! never silently wrong weights; no input makes this module panic.
 //!
+//! # Hostile inputs
+//!
+//! No input makes the reader allocate much more than the file's size justifies
+//! (`budget.rs` has the numbers and why): every size, element count, byte count and
+//! offset is computed with checked arithmetic, and
+//!
+//! * building objects from `data.pkl` is bounded in total, per stage, by
+//!   `max(32 MiB, 96 x its size)`: shared (memoized) references that would be copied or
+//!   walked once per use (a 100k-item tuple passed to 100k calls, one big list under 200k
+//!   keys of the extras) run into that budget and make a [`CheckpointError::PickleBudget`];
+//! * a tensor's bytes come from its storage record, whose size the zip directory declares
+//!   and which is checked against the file's size before anything is allocated;
+//! * every storage record read and every tensor gathered out of one is charged against
+//!   `2 x file size + 64 MiB` of tensor data before it is allocated. A view that names
+//!   storage elements more than once (stride 0, overlapping strides) is not refused as
+//!   such: torch saves an expanded tensor that way and loads it back, and a small one (a
+//!   broadcast bias, say) is materialized like any other tensor. But the weights of a
+//!   model are never broadcast views, so a view that would materialize more than the file
+//!   can justify is a [`CheckpointError::TensorBudget`] naming the tensor's key, size and
+//!   stride, checked before its storage is even read.
+//!
 //! ```no_run
 //! use mkonnx::data::checkpoint::load_state_dict;
 //! let sd = load_state_dict(std::path::Path::new("outputs/run/best_model.pth"))?;
@@ -25,6 +46,7 @@
 //! ```
 
 mod archive;
+mod budget;
 mod error;
 mod pickle;
 mod state_dict;
@@ -35,7 +57,7 @@ use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::Path;
 
-pub use error::CheckpointError;
+pub use error::{CheckpointError, TensorBudgetError};
 pub use state_dict::{StateDict, STRIP_PREFIXES, WRAPPER_KEYS};
 pub use tensor::{DType, Tensor};
 pub use value::PyValue;
@@ -67,6 +89,12 @@ fn read_state_dict<R: Read + Seek>(reader: R, path: &Path) -> Result<StateDict, 
             CheckpointError::UnsupportedOpcode { path: path.to_path_buf(), opcode, name: pickle::opcode_name(opcode), offset }
         }
         pickle::PickleError::Malformed { offset, detail } => CheckpointError::MalformedPickle { path: path.to_path_buf(), offset, detail },
+        pickle::PickleError::Budget { offset, opcode, limit } => CheckpointError::PickleBudget {
+            path: path.to_path_buf(),
+            pkl_len: pkl.len(),
+            limit,
+            at: format!("at {} (byte {offset} of data.pkl)", pickle::opcode_name(opcode)),
+        },
     })?;
-    state_dict::extract(&pickle, &mut archive, path)
+    state_dict::extract(&pickle, pkl.len(), &mut archive, path)
 }

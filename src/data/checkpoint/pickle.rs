@@ -12,9 +12,13 @@
 //! that: a memoized container is filled *after* it was first referenced (`BINPUT` then
 //! `SETITEMS`), and later `BINGET`s must see the filled object. The arena also makes
 //! cycles and deep nesting harmless: nothing here recurses over the object graph.
+//! Sharing is what makes a small pickle expensive (a memoized tuple passed to any number
+//! of calls, each copying it), so every object is charged, with what it holds, against
+//! [`Budget::pickle`] of the pickle's length, and past it unpickling stops with an error.
 
 use std::collections::HashMap;
 
+use super::budget::{Budget, OverBudget};
 use super::tensor::DType;
 
 /// Index of an object in [`Pickle::objs`].
@@ -98,18 +102,57 @@ impl Pickle {
     }
 }
 
+impl Obj {
+    /// Bytes the object holds outside itself (string and container buffers), for the budget.
+    fn heap_bytes(&self) -> usize {
+        let ids = |n: usize| n.saturating_mul(std::mem::size_of::<Id>());
+        match self {
+            Obj::None | Obj::Bool(_) | Obj::Int(_) | Obj::Float(_) => 0,
+            Obj::BigInt(b) | Obj::Bytes(b) => b.len(),
+            Obj::Str(s) => s.len(),
+            Obj::List(items) | Obj::Tuple(items) | Obj::Set(items) => ids(items.len()),
+            Obj::Dict(pairs) => ids(pairs.len()).saturating_mul(2),
+            Obj::Global { module, name } => module.len() + name.len(),
+            Obj::Storage(s) => s.class.len() + s.key.len(),
+            Obj::Tensor(t) => t.storage.class.len() + t.storage.key.len() + t.dtype_name.len() + ids(t.shape.len()) + ids(t.stride.len()),
+            Obj::Object(o) => o.class.len() + ids(o.args.len()),
+        }
+    }
+}
+
 /// Why unpickling failed; the caller adds the file path.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum PickleError {
-    UnsupportedOpcode { opcode: u8, offset: usize },
-    Malformed { offset: usize, detail: String },
+    UnsupportedOpcode {
+        opcode: u8,
+        offset: usize,
+    },
+    Malformed {
+        offset: usize,
+        detail: String,
+    },
+    /// The objects built so far plus the next one would pass the budget.
+    Budget {
+        offset: usize,
+        opcode: u8,
+        limit: u64,
+    },
 }
 
 type Result<T> = std::result::Result<T, PickleError>;
 
-/// Unpickle `data` into an arena of inert objects.
+/// Unpickle `data` into an arena of inert objects, within [`Budget::pickle`] of its length.
 pub(crate) fn parse(data: &[u8]) -> Result<Pickle> {
-    let mut m = Machine { data, pos: 0, op_start: 0, objs: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine {
+        data,
+        pos: 0,
+        op_start: 0,
+        objs: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        budget: Budget::pickle(data.len()),
+    };
     let root = m.run()?;
     Ok(Pickle { objs: m.objs, root })
 }
@@ -199,6 +242,11 @@ struct Machine<'a> {
     /// Stack heights at each MARK (Python's "metastack").
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
+    /// What the objects may hold in total: the arena's objects, every copy of an argument
+    /// tuple, and every item added to a container after it was built. The stack, marks and
+    /// memo are not charged: each entry costs at least one opcode byte, so they grow only
+    /// linearly with `data` (at most about 40 bytes per byte).
+    budget: Budget,
 }
 
 /// Globals whose calls build plain containers.
@@ -280,14 +328,21 @@ impl Machine<'_> {
         }
     }
 
-    fn alloc(&mut self, obj: Obj) -> Id {
-        self.objs.push(obj);
-        self.objs.len() - 1
+    /// Account for `bytes` more of objects; past the budget, unpickling stops.
+    fn charge(&mut self, bytes: usize) -> Result<()> {
+        match self.budget.charge(bytes as u64) {
+            Ok(()) => Ok(()),
+            Err(OverBudget { limit }) => Err(PickleError::Budget { offset: self.op_start, opcode: self.data[self.op_start], limit }),
+        }
     }
 
-    fn push(&mut self, obj: Obj) {
-        let id = self.alloc(obj);
-        self.stack.push(id);
+    /// Put `obj` in the arena, charged with what it holds: copies of shared objects (a
+    /// call's argument tuple, a string) are paid for here, once per copy.
+    fn push(&mut self, obj: Obj) -> Result<()> {
+        self.charge(std::mem::size_of::<Obj>() + obj.heap_bytes())?;
+        self.objs.push(obj);
+        self.stack.push(self.objs.len() - 1);
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<Id> {
@@ -367,25 +422,25 @@ impl Machine<'_> {
                     self.stack.push(id);
                 }
 
-                b'N' => self.push(Obj::None),
-                0x88 => self.push(Obj::Bool(true)),
-                0x89 => self.push(Obj::Bool(false)),
+                b'N' => self.push(Obj::None)?,
+                0x88 => self.push(Obj::Bool(true))?,
+                0x89 => self.push(Obj::Bool(false))?,
                 b'J' => {
                     let v = i32::from_le_bytes(self.take_array()?);
-                    self.push(Obj::Int(i64::from(v)));
+                    self.push(Obj::Int(i64::from(v)))?;
                 }
                 b'K' => {
                     let v = self.take_u8()?;
-                    self.push(Obj::Int(i64::from(v)));
+                    self.push(Obj::Int(i64::from(v)))?;
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.take_array()?);
-                    self.push(Obj::Int(i64::from(v)));
+                    self.push(Obj::Int(i64::from(v)))?;
                 }
                 0x8a => {
                     let n = usize::from(self.take_u8()?);
                     let bytes = self.take(n)?.to_vec();
-                    self.push(long_from_bytes(bytes));
+                    self.push(long_from_bytes(bytes))?;
                 }
                 0x8b => {
                     let n = i32::from_le_bytes(self.take_array()?);
@@ -393,7 +448,7 @@ impl Machine<'_> {
                         return self.malformed("LONG4 with a negative length");
                     };
                     let bytes = self.take(n)?.to_vec();
-                    self.push(long_from_bytes(bytes));
+                    self.push(long_from_bytes(bytes))?;
                 }
                 b'I' => {
                     let line = self.take_line_str()?;
@@ -406,27 +461,27 @@ impl Machine<'_> {
                             Err(_) => return self.malformed(format!("bad INT argument {s:?}")),
                         },
                     };
-                    self.push(obj);
+                    self.push(obj)?;
                 }
                 b'L' => {
                     let line = self.take_line_str()?;
                     let digits = line.strip_suffix('L').unwrap_or(&line);
                     match digits.parse::<i64>() {
-                        Ok(v) => self.push(Obj::Int(v)),
+                        Ok(v) => self.push(Obj::Int(v))?,
                         Err(_) => match digits.parse::<i128>() {
-                            Ok(v) => self.push(Obj::BigInt(v.to_le_bytes().to_vec())),
+                            Ok(v) => self.push(Obj::BigInt(v.to_le_bytes().to_vec()))?,
                             Err(_) => return self.malformed(format!("bad LONG argument {line:?}")),
                         },
                     }
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.take_array()?);
-                    self.push(Obj::Float(v));
+                    self.push(Obj::Float(v))?;
                 }
                 b'F' => {
                     let line = self.take_line_str()?;
                     match line.trim().parse::<f64>() {
-                        Ok(v) => self.push(Obj::Float(v)),
+                        Ok(v) => self.push(Obj::Float(v))?,
                         Err(_) => return self.malformed(format!("bad FLOAT argument {line:?}")),
                     }
                 }
@@ -434,22 +489,22 @@ impl Machine<'_> {
                 b'X' => {
                     let n = self.take_u32()?;
                     let s = self.take_utf8(n)?;
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 0x8c => {
                     let n = usize::from(self.take_u8()?);
                     let s = self.take_utf8(n)?;
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 0x8d => {
                     let n = self.take_u64()?;
                     let s = self.take_utf8(n)?;
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 b'V' => {
                     let line = self.take_line()?.to_vec();
                     match decode_raw_unicode_escape(&line) {
-                        Some(s) => self.push(Obj::Str(s)),
+                        Some(s) => self.push(Obj::Str(s))?,
                         None => return self.malformed("bad UNICODE argument"),
                     }
                 }
@@ -460,36 +515,36 @@ impl Machine<'_> {
                         return self.malformed("BINSTRING with a negative length");
                     };
                     let s = latin1(self.take(n)?);
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 b'U' => {
                     let n = usize::from(self.take_u8()?);
                     let s = latin1(self.take(n)?);
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 b'B' => {
                     let n = self.take_u32()?;
                     let b = self.take(n)?.to_vec();
-                    self.push(Obj::Bytes(b));
+                    self.push(Obj::Bytes(b))?;
                 }
                 b'C' => {
                     let n = usize::from(self.take_u8()?);
                     let b = self.take(n)?.to_vec();
-                    self.push(Obj::Bytes(b));
+                    self.push(Obj::Bytes(b))?;
                 }
                 0x8e | 0x96 => {
                     let n = self.take_u64()?;
                     let b = self.take(n)?.to_vec();
-                    self.push(Obj::Bytes(b));
+                    self.push(Obj::Bytes(b))?;
                 }
 
-                b'}' => self.push(Obj::Dict(Vec::new())),
-                b']' => self.push(Obj::List(Vec::new())),
-                b')' => self.push(Obj::Tuple(Vec::new())),
-                0x8f => self.push(Obj::Set(Vec::new())),
+                b'}' => self.push(Obj::Dict(Vec::new()))?,
+                b']' => self.push(Obj::List(Vec::new()))?,
+                b')' => self.push(Obj::Tuple(Vec::new()))?,
+                0x8f => self.push(Obj::Set(Vec::new()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Obj::Tuple(items));
+                    self.push(Obj::Tuple(items))?;
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -498,20 +553,20 @@ impl Machine<'_> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push(Obj::Tuple(items));
+                    self.push(Obj::Tuple(items))?;
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push(Obj::List(items));
+                    self.push(Obj::List(items))?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = self.pairs(items)?;
-                    self.push(Obj::Dict(pairs));
+                    self.push(Obj::Dict(pairs))?;
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.push(Obj::Set(items));
+                    self.push(Obj::Set(items))?;
                 }
                 b'a' => {
                     let item = self.pop()?;
@@ -526,6 +581,7 @@ impl Machine<'_> {
                 0x90 => {
                     let items = self.pop_mark()?;
                     let target = self.top()?;
+                    self.charge(items.len() * std::mem::size_of::<Id>())?;
                     match &mut self.objs[target] {
                         Obj::Set(set) => set.extend(items),
                         _ => return self.malformed("ADDITEMS on something that is not a set"),
@@ -585,7 +641,7 @@ impl Machine<'_> {
                 b'c' => {
                     let module = self.take_line_str()?;
                     let name = self.take_line_str()?;
-                    self.push(Obj::Global { module, name });
+                    self.push(Obj::Global { module, name })?;
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -593,7 +649,7 @@ impl Machine<'_> {
                     match (&self.objs[module], &self.objs[name]) {
                         (Obj::Str(m), Obj::Str(n)) => {
                             let (module, name) = (m.clone(), n.clone());
-                            self.push(Obj::Global { module, name });
+                            self.push(Obj::Global { module, name })?;
                         }
                         _ => return self.malformed("STACK_GLOBAL needs two strings"),
                     }
@@ -603,14 +659,14 @@ impl Machine<'_> {
                     let callable = self.pop()?;
                     let args = self.tuple_items(args, "REDUCE")?;
                     let obj = self.call(callable, args, 0)?;
-                    self.push(obj);
+                    self.push(obj)?;
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
                     let args = self.tuple_items(args, "NEWOBJ")?;
                     let obj = self.call(cls, args, 0)?;
-                    self.push(obj);
+                    self.push(obj)?;
                 }
                 0x92 => {
                     // NEWOBJ_EX: keyword arguments only matter to the class being built.
@@ -619,7 +675,7 @@ impl Machine<'_> {
                     let cls = self.pop()?;
                     let args = self.tuple_items(args, "NEWOBJ_EX")?;
                     let obj = self.call(cls, args, 0)?;
-                    self.push(obj);
+                    self.push(obj)?;
                 }
                 b'b' => {
                     let state = self.pop()?;
@@ -633,7 +689,7 @@ impl Machine<'_> {
                 b'Q' => {
                     let pid = self.pop()?;
                     let storage = self.persistent_load(pid)?;
-                    self.push(Obj::Storage(storage));
+                    self.push(Obj::Storage(storage))?;
                 }
 
                 _ => return Err(PickleError::UnsupportedOpcode { opcode: op, offset: self.op_start }),
@@ -649,6 +705,7 @@ impl Machine<'_> {
     }
 
     fn append(&mut self, target: Id, items: Vec<Id>) -> Result<()> {
+        self.charge(items.len() * std::mem::size_of::<Id>())?;
         match &mut self.objs[target] {
             Obj::List(list) => {
                 list.extend(items);
@@ -661,6 +718,7 @@ impl Machine<'_> {
     }
 
     fn set_items(&mut self, target: Id, pairs: Vec<(Id, Id)>) -> Result<()> {
+        self.charge(pairs.len() * 2 * std::mem::size_of::<Id>())?;
         match &mut self.objs[target] {
             Obj::Dict(dict) => {
                 dict.extend(pairs);
@@ -672,7 +730,14 @@ impl Machine<'_> {
         }
     }
 
-    fn tuple_items(&self, id: Id, op: &str) -> Result<Vec<Id>> {
+    /// A copy of a call's argument tuple, charged: the tuple may be shared by any number
+    /// of calls, and the call may not keep the copy (then only this charge bounds the work).
+    fn tuple_items(&mut self, id: Id, op: &str) -> Result<Vec<Id>> {
+        let len = match &self.objs[id] {
+            Obj::Tuple(items) => items.len(),
+            _ => return self.malformed(format!("{op} arguments are not a tuple")),
+        };
+        self.charge(len.saturating_mul(std::mem::size_of::<Id>()))?;
         match &self.objs[id] {
             Obj::Tuple(items) => Ok(items.clone()),
             _ => self.malformed(format!("{op} arguments are not a tuple")),
@@ -874,7 +939,8 @@ impl Machine<'_> {
             _ => return None,
         };
         let data = match &self.objs[*data] {
-            Obj::Bytes(b) => b.as_slice(),
+            // Scalars are at most 8 bytes: a larger (possibly shared) payload is not copied.
+            Obj::Bytes(b) if b.len() <= 8 => b.as_slice(),
             _ => return None,
         };
         // dtype state: (version, byte order, ...); '>' is the only order that needs a swap.
@@ -1037,6 +1103,23 @@ mod tests {
         ];
         for case in cases {
             assert!(parse(case).is_err(), "{case:?} should fail");
+        }
+    }
+
+    #[test]
+    fn shared_call_arguments_are_bounded_in_total() {
+        // t = (None,) * 10_000, memoized; then 10_000 calls print(*t): each copies t, 800 MB
+        // in all from a 70 KB pickle without the budget.
+        let mut data = b"\x80\x02(".to_vec();
+        data.extend(std::iter::repeat_n(b'N', 10_000));
+        data.extend_from_slice(b"t\x94cbuiltins\nprint\n\x940");
+        for _ in 0..10_000 {
+            data.extend_from_slice(b"h\x01h\x00R0");
+        }
+        data.extend_from_slice(b"N.");
+        match parse(&data) {
+            Err(PickleError::Budget { opcode: b'R', limit, .. }) => assert_eq!(limit, crate::data::checkpoint::budget::PICKLE_FLOOR),
+            other => panic!("expected the budget to stop a REDUCE: {other:?}"),
         }
     }
 

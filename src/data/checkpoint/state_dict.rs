@@ -6,10 +6,11 @@ use std::io::{Read, Seek};
 use std::path::Path;
 
 use super::archive::Archive;
+use super::budget::{Budget, OverBudget};
 use super::pickle::{Id, Obj, Pickle, TensorRef};
 use super::tensor::{swap_bytes, DType, Tensor, View};
 use super::value::PyValue;
-use super::CheckpointError;
+use super::{CheckpointError, TensorBudgetError};
 
 /// Keys under which trainers nest the state dict, in the order they are tried.
 pub const WRAPPER_KEYS: [&str; 3] = ["model_state_dict", "state_dict", "model"];
@@ -154,18 +155,36 @@ fn is_state_dict(pickle: &Pickle, id: Id) -> bool {
     items.iter().all(|&(k, _)| str_key(pickle, k).is_some()) && items.iter().any(|&(_, v)| !matches!(entry(pickle, v), Entry::Other))
 }
 
-fn describe_top(pickle: &Pickle, id: Id) -> (String, Vec<String>) {
+/// A dict key as text: the string, or the plain-data rendering of another key (charged).
+fn key_text(pickle: &Pickle, id: Id, budget: &mut Budget) -> Result<String, OverBudget> {
+    let text = match str_key(pickle, id) {
+        Some(s) => {
+            // Charged before the copy: one string may be the key of every entry.
+            budget.charge(s.len() as u64)?;
+            s.to_owned()
+        }
+        None => PyValue::from_pickle(pickle, id, budget)?.to_string(),
+    };
+    Ok(text)
+}
+
+/// How many top-level keys a [`CheckpointError::NoStateDict`] message lists (all of them
+/// are in its `top_level_keys`).
+const KEYS_SHOWN: usize = 40;
+
+fn describe_top(pickle: &Pickle, id: Id, budget: &mut Budget) -> Result<(String, Vec<String>), OverBudget> {
     let kind = match pickle.get(id) {
         Obj::Dict(items) => {
-            let keys: Vec<String> = items
-                .iter()
-                .map(|&(k, _)| match str_key(pickle, k) {
-                    Some(s) => s.to_owned(),
-                    None => PyValue::from_pickle(pickle, k).to_string(),
-                })
-                .collect();
-            let mut found =
-                if keys.is_empty() { "the top level is an empty dict".to_owned() } else { format!("top-level keys: {}", keys.join(", ")) };
+            let keys = items.iter().map(|&(k, _)| key_text(pickle, k, budget)).collect::<Result<Vec<String>, _>>()?;
+            let mut found = if keys.is_empty() {
+                "the top level is an empty dict".to_owned()
+            } else {
+                let mut shown = keys.iter().take(KEYS_SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+                if keys.len() > KEYS_SHOWN {
+                    shown.push_str(&format!(", ... ({} more)", keys.len() - KEYS_SHOWN));
+                }
+                format!("top-level keys: {shown}")
+            };
             // `torch.save({"model": model})` pickles the module object itself.
             for &(k, v) in items.iter() {
                 if let (Some(key), Obj::Object(o)) = (str_key(pickle, k), pickle.get(v)) {
@@ -178,19 +197,19 @@ fn describe_top(pickle: &Pickle, id: Id) -> (String, Vec<String>) {
                     }
                 }
             }
-            return (found, keys);
+            return Ok((found, keys));
         }
         Obj::List(_) => "a list",
         Obj::Tuple(_) => "a tuple",
         Obj::Set(_) => "a set",
         Obj::Tensor(_) => "a single tensor",
-        Obj::Object(o) => return (format!("the top level is a {} object", o.class), Vec::new()),
+        Obj::Object(o) => return Ok((format!("the top level is a {} object", o.class), Vec::new())),
         Obj::None => "None",
         Obj::Bool(_) | Obj::Int(_) | Obj::BigInt(_) | Obj::Float(_) => "a number",
         Obj::Str(_) | Obj::Bytes(_) => "a string",
         Obj::Global { .. } | Obj::Storage(_) => "a class or storage",
     };
-    (format!("the top level is {kind}, not a dict"), Vec::new())
+    Ok((format!("the top level is {kind}, not a dict"), Vec::new()))
 }
 
 /// Remove `module.` / `model.` while every key carries one; returns the removed prefix.
@@ -215,8 +234,14 @@ pub(crate) fn strip_common_prefixes(keys: &mut [String]) -> Option<String> {
     (!stripped.is_empty()).then_some(stripped)
 }
 
-/// Locate the state dict in `pickle` and read its tensors from `archive`.
-pub(crate) fn extract<R: Read + Seek>(pickle: &Pickle, archive: &mut Archive<R>, path: &Path) -> Result<StateDict, CheckpointError> {
+/// Locate the state dict in `pickle` (unpickled from a `data.pkl` of `pkl_len` bytes) and
+/// read its tensors from `archive`.
+pub(crate) fn extract<R: Read + Seek>(
+    pickle: &Pickle,
+    pkl_len: usize,
+    archive: &mut Archive<R>,
+    path: &Path,
+) -> Result<StateDict, CheckpointError> {
     let root = pickle.root;
     let mut wrapper = None;
     let mut sd_id = None;
@@ -233,20 +258,22 @@ pub(crate) fn extract<R: Read + Seek>(pickle: &Pickle, archive: &mut Archive<R>,
             sd_id = Some(root);
         }
     }
+    // Keys and the extras are copied out of the pickle, where one string or one big list
+    // can be shared by every entry: all of it is charged to one budget.
+    let mut budget = Budget::pickle(pkl_len);
+    let over = |at: String| move |OverBudget { limit }| CheckpointError::PickleBudget { path: path.to_path_buf(), pkl_len, limit, at };
     let Some(sd_id) = sd_id else {
-        let (found, top_level_keys) = describe_top(pickle, root);
+        let (found, top_level_keys) = describe_top(pickle, root, &mut budget).map_err(over("listing the top-level keys".to_owned()))?;
         return Err(CheckpointError::NoStateDict { path: path.to_path_buf(), found, top_level_keys });
     };
 
     let mut other_top_level = Vec::new();
     if let (Some(w), Some(items)) = (&wrapper, dict_items(pickle, root)) {
         for &(k, v) in items {
-            let key = match str_key(pickle, k) {
-                Some(s) => s.to_owned(),
-                None => PyValue::from_pickle(pickle, k).to_string(),
-            };
+            let key = key_text(pickle, k, &mut budget).map_err(over("listing the top-level keys".to_owned()))?;
             if key != *w {
-                other_top_level.push((key, PyValue::from_pickle(pickle, v)));
+                let value = PyValue::from_pickle(pickle, v, &mut budget).map_err(over(format!("converting top-level entry {key:?}")))?;
+                other_top_level.push((key, value));
             }
         }
     }
@@ -256,7 +283,9 @@ pub(crate) fn extract<R: Read + Seek>(pickle: &Pickle, archive: &mut Archive<R>,
     let mut refs = Vec::new();
     let mut skipped_keys = Vec::new();
     for &(k, v) in items {
-        let key = str_key(pickle, k).unwrap_or_default().to_owned();
+        let key = str_key(pickle, k).unwrap_or_default();
+        budget.charge(key.len() as u64).map_err(over("listing the state-dict keys".to_owned()))?;
+        let key = key.to_owned();
         match entry(pickle, v) {
             Entry::Tensor(t) => {
                 keys.push(key);
@@ -268,10 +297,9 @@ pub(crate) fn extract<R: Read + Seek>(pickle: &Pickle, archive: &mut Archive<R>,
             Entry::Other => skipped_keys.push(key),
         }
     }
-    let original_keys = keys.clone();
     let stripped_prefix = strip_common_prefixes(&mut keys);
 
-    let tensors = read_tensors(&original_keys, &refs, archive, path)?;
+    let tensors = read_tensors(&keys, stripped_prefix.as_deref().unwrap_or_default(), &refs, archive, path)?;
     let mut sd = StateDict::new(keys.into_iter().zip(tensors).collect());
     sd.wrapper = wrapper;
     sd.stripped_prefix = stripped_prefix;
@@ -280,11 +308,20 @@ pub(crate) fn extract<R: Read + Seek>(pickle: &Pickle, archive: &mut Archive<R>,
     Ok(sd)
 }
 
+/// Elements a view names, as a wide integer (no overflow whatever the shape).
+fn numel_wide(shape: &[i64]) -> u128 {
+    shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(u128::try_from(d).ok()?)).unwrap_or(u128::MAX)
+}
+
 /// Read the tensors' storages and gather each view. A storage shared by several tensors
 /// is read once and kept only until its last user; a storage used by one tensor that
-/// covers it from the start is handed over without a copy.
+/// covers it from the start is handed over without a copy. Every record read and every
+/// gathered copy is charged to [`Budget::tensors`] before it is allocated.
+///
+/// `keys` are the stripped names; errors name the original key (`prefix` + name).
 fn read_tensors<R: Read + Seek>(
     keys: &[String],
+    prefix: &str,
     refs: &[&TensorRef],
     archive: &mut Archive<R>,
     path: &Path,
@@ -293,21 +330,51 @@ fn read_tensors<R: Read + Seek>(
     for t in refs {
         *uses.entry(t.storage.key.as_str()).or_default() += 1;
     }
+    let file_len = archive.file_len();
+    let mut budget = Budget::tensors(file_len);
     let mut cache: HashMap<&str, Vec<u8>> = HashMap::new();
     let mut out = Vec::with_capacity(refs.len());
     for (key, t) in keys.iter().zip(refs) {
-        let invalid = |detail: String| CheckpointError::InvalidTensor { path: path.to_path_buf(), key: key.clone(), detail };
+        let key = || format!("{prefix}{key}");
+        let invalid = |detail: String| CheckpointError::InvalidTensor { path: path.to_path_buf(), key: key(), detail };
         let Some(dtype) = t.dtype else {
-            return Err(CheckpointError::UnsupportedDtype { path: path.to_path_buf(), key: key.clone(), dtype: t.dtype_name.clone() });
+            return Err(CheckpointError::UnsupportedDtype { path: path.to_path_buf(), key: key(), dtype: t.dtype_name.clone() });
         };
         let view = View::new(t.offset, &t.shape, &t.stride).map_err(invalid)?;
         let elem = dtype.size();
+        // Charge `needed` bytes for this tensor, or say which tensor, view and limit.
+        let charge = |budget: &mut Budget, needed: u128, purpose: &dyn Fn() -> String| {
+            let used = budget.used();
+            budget.charge(u64::try_from(needed).unwrap_or(u64::MAX)).map_err(|OverBudget { limit }| {
+                let numel = numel_wide(&t.shape);
+                // Elements the view can reach, from its offset on: naming more than that
+                // means naming some more than once.
+                let reach = view.extent.saturating_sub(view.offset) as u128;
+                CheckpointError::TensorBudget(Box::new(TensorBudgetError {
+                    path: path.to_path_buf(),
+                    key: key(),
+                    shape: t.shape.clone(),
+                    stride: t.stride.clone(),
+                    numel,
+                    elem,
+                    needed,
+                    purpose: purpose(),
+                    used,
+                    limit,
+                    file_len,
+                    reach: (numel > reach).then_some(reach),
+                }))
+            })
+        };
+        // A gathered copy's size; exact, even where it would not fit in 64 bits.
+        let copy_bytes = numel_wide(&t.shape).saturating_mul(elem as u128);
         let storage_key = t.storage.key.as_str();
         let record = archive.record_name(&format!("data/{storage_key}"));
-        let missing = || CheckpointError::MissingStorage { path: path.to_path_buf(), key: key.clone(), record: record.clone() };
+        let read_record = || format!("to read its storage record {record}");
+        let missing = || CheckpointError::MissingStorage { path: path.to_path_buf(), key: key(), record: record.clone() };
         let too_small = |needed: u64, available: u64| CheckpointError::StorageTooSmall {
             path: path.to_path_buf(),
-            key: key.clone(),
+            key: key(),
             record: record.clone(),
             needed,
             available,
@@ -324,7 +391,9 @@ fn read_tensors<R: Read + Seek>(
             && !archive.big_endian
             && cfg!(target_endian = "little")
         {
-            let mut values = archive.record_f32(&format!("data/{storage_key}"))?.ok_or_else(missing)?;
+            let mut values = archive
+                .record_f32(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into(), &read_record))?
+                .ok_or_else(missing)?;
             let available = declared.min(values.len() as u64 * 4);
             if view.extent as u64 * 4 > available {
                 return Err(too_small(view.extent as u64 * 4, available));
@@ -337,9 +406,18 @@ fn read_tensors<R: Read + Seek>(
             );
             continue;
         }
+        let remaining = uses.get(storage_key).copied().unwrap_or(1).saturating_sub(1);
+        let handed_over = remaining == 0 && view.is_contiguous();
+        // A copy is charged before its storage is even read: a broadcast view of a tiny
+        // storage fails here, whatever the storage.
+        if view.numel > 0 && !handed_over {
+            charge(&mut budget, copy_bytes, &|| "for a copy of its view".to_owned())?;
+        }
         let mut data = match cache.remove(storage_key) {
             Some(d) => d,
-            None => archive.record(&format!("data/{storage_key}"))?.ok_or_else(missing)?,
+            None => archive
+                .record(&format!("data/{storage_key}"), |size| charge(&mut budget, size.into(), &read_record))?
+                .ok_or_else(missing)?,
         };
         // The storage is as large as torch declared it, and no larger than its record.
         let available = declared.min(data.len() as u64);
@@ -347,7 +425,6 @@ fn read_tensors<R: Read + Seek>(
         if needed.is_none_or(|n| n > available) {
             return Err(too_small(needed.unwrap_or(u64::MAX), available));
         }
-        let remaining = uses.get(storage_key).copied().unwrap_or(1).saturating_sub(1);
         uses.insert(storage_key, remaining);
         // An empty view reads nothing, wherever its (unchecked) offset points.
         let mut bytes = if view.numel == 0 {
@@ -355,7 +432,9 @@ fn read_tensors<R: Read + Seek>(
                 cache.insert(storage_key, data);
             }
             Vec::new()
-        } else if remaining == 0 && view.is_contiguous() {
+        } else if handed_over {
+            // In bounds: extent * elem <= available (checked above) and a contiguous view
+            // ends at offset + numel = extent.
             let start = view.offset * elem;
             data.truncate(start + view.numel * elem);
             data.drain(..start);

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::budget::{Budget, OverBudget};
 use super::pickle::{Id, Obj, Pickle};
 
 /// A value from the checkpoint outside the state dict, as plain data.
@@ -52,15 +53,12 @@ pub enum PyValue {
     },
     /// A reference to a class or function itself (`torch.float32`).
     Global(String),
-    /// Left out: nested too deep, a reference cycle, or too large to show.
+    /// Left out: nested too deep, or a reference cycle.
     Elided,
 }
 
 /// Nesting depth past which values are elided (checkpoint extras are shallow).
 const MAX_DEPTH: usize = 32;
-/// Total nodes one conversion may produce: shared sub-objects are expanded at each use,
-/// so a small pickle could otherwise describe an exponentially large tree.
-const MAX_NODES: usize = 200_000;
 
 impl PyValue {
     /// The value as f64 for ints, floats and bools.
@@ -98,20 +96,27 @@ impl PyValue {
         }
     }
 
-    pub(crate) fn from_pickle(pickle: &Pickle, id: Id) -> PyValue {
-        let mut budget = MAX_NODES;
+    /// The plain-data view of object `id`, charging every node and string it builds to
+    /// `budget`. Shared sub-objects are expanded at each use, so a small pickle can
+    /// describe an exponentially large tree: the caller passes one budget for all the
+    /// values it converts, which bounds them in total.
+    pub(crate) fn from_pickle(pickle: &Pickle, id: Id, budget: &mut Budget) -> Result<PyValue, OverBudget> {
         let mut path = Vec::new();
-        convert(pickle, id, &mut path, &mut budget)
+        convert(pickle, id, &mut path, budget)
     }
 }
 
-fn convert(pickle: &Pickle, id: Id, path: &mut Vec<Id>, budget: &mut usize) -> PyValue {
-    if *budget == 0 || path.len() >= MAX_DEPTH || path.contains(&id) {
-        return PyValue::Elided;
+fn convert(pickle: &Pickle, id: Id, path: &mut Vec<Id>, budget: &mut Budget) -> Result<PyValue, OverBudget> {
+    if path.len() >= MAX_DEPTH || path.contains(&id) {
+        return Ok(PyValue::Elided);
     }
-    *budget -= 1;
+    // Charged before the children are built, with an upper bound for strings, so that no
+    // copy is made past the budget.
+    budget.charge((std::mem::size_of::<PyValue>() + text_len(pickle.get(id))) as u64)?;
     path.push(id);
-    let mut all = |ids: &[Id], path: &mut Vec<Id>| -> Vec<PyValue> { ids.iter().map(|&i| convert(pickle, i, path, budget)).collect() };
+    let mut all = |ids: &[Id], path: &mut Vec<Id>| -> Result<Vec<PyValue>, OverBudget> {
+        ids.iter().map(|&i| convert(pickle, i, path, budget)).collect()
+    };
     let value = match pickle.get(id) {
         Obj::None => PyValue::None,
         Obj::Bool(b) => PyValue::Bool(*b),
@@ -120,14 +125,14 @@ fn convert(pickle: &Pickle, id: Id, path: &mut Vec<Id>, budget: &mut usize) -> P
         Obj::Float(v) => PyValue::Float(*v),
         Obj::Str(s) => PyValue::Str(s.clone()),
         Obj::Bytes(b) => PyValue::Bytes(b.clone()),
-        Obj::List(items) => PyValue::List(all(items, path)),
-        Obj::Tuple(items) => PyValue::Tuple(all(items, path)),
-        Obj::Set(items) => PyValue::Set(all(items, path)),
+        Obj::List(items) => PyValue::List(all(items, path)?),
+        Obj::Tuple(items) => PyValue::Tuple(all(items, path)?),
+        Obj::Set(items) => PyValue::Set(all(items, path)?),
         Obj::Dict(items) => {
-            let mut out = Vec::with_capacity(items.len());
+            let mut out = Vec::new();
             for &(k, v) in items {
-                let k = convert(pickle, k, path, budget);
-                let v = convert(pickle, v, path, budget);
+                let k = convert(pickle, k, path, budget)?;
+                let v = convert(pickle, v, path, budget)?;
                 out.push((k, v));
             }
             PyValue::Dict(out)
@@ -142,13 +147,32 @@ fn convert(pickle: &Pickle, id: Id, path: &mut Vec<Id>, budget: &mut usize) -> P
             PyValue::Tensor { dtype: t.dtype.map(|d| d.name().to_owned()).unwrap_or_else(|| t.dtype_name.clone()), shape: t.shape.clone() }
         }
         Obj::Object(o) => {
-            let args = all(&o.args, path);
-            let state = o.state.map(|s| Box::new(convert(pickle, s, path, budget)));
+            let args = all(&o.args, path)?;
+            let state = match o.state {
+                Some(s) => Some(Box::new(convert(pickle, s, path, budget)?)),
+                None => None,
+            };
             PyValue::Object { class: o.class.clone(), args, state }
         }
     };
     path.pop();
-    value
+    Ok(value)
+}
+
+/// An upper bound of the text and buffer bytes the value of `obj` holds (decimal digits of
+/// a big integer included), so that a conversion is charged before it copies them.
+fn text_len(obj: &Obj) -> usize {
+    match obj {
+        // Two hex digits per byte plus the suffix; decimal up to 128 bits is shorter.
+        Obj::BigInt(b) => 2 * b.len() + 24,
+        Obj::Str(s) => s.len(),
+        Obj::Bytes(b) => b.len(),
+        Obj::Global { module, name } => module.len() + 1 + name.len(),
+        Obj::Storage(s) => s.class.len() + 6 + std::mem::size_of::<PyValue>(),
+        Obj::Tensor(t) => t.dtype_name.len().max(8) + std::mem::size_of_val(t.shape.as_slice()),
+        Obj::Object(o) => o.class.len() + std::mem::size_of::<PyValue>(),
+        _ => 0,
+    }
 }
 
 /// Decimal text of a little-endian two's complement integer (hex past 128 bits).
@@ -249,8 +273,27 @@ mod tests {
     fn cycles_and_shared_objects_are_bounded() {
         // l = []; l.append(l)
         let p = parse(b"\x80\x02]q\x00h\x00a.").unwrap();
-        let v = PyValue::from_pickle(&p, p.root);
+        let v = PyValue::from_pickle(&p, p.root, &mut Budget::new(1 << 20)).unwrap();
         assert_eq!(v, PyValue::List(vec![PyValue::Elided]));
+    }
+
+    #[test]
+    fn shared_references_are_bounded_in_total() {
+        // l = [None]; then 30 times l = [l, l]: 2^31 nodes when expanded, from 200 bytes.
+        let mut data = b"\x80\x02(Nl".to_vec();
+        for _ in 0..30 {
+            data.extend_from_slice(b"\x94(h\x00h\x00l");
+            let n = data.len();
+            // MEMOIZE stores at index memo.len(): rewrite the two gets to that index.
+            let i = data.iter().filter(|&&b| b == 0x94).count() - 1;
+            data[n - 4] = i as u8;
+            data[n - 2] = i as u8;
+        }
+        data.push(b'.');
+        let p = parse(&data).unwrap();
+        let mut budget = Budget::new(1 << 20);
+        assert_eq!(PyValue::from_pickle(&p, p.root, &mut budget), Err(OverBudget { limit: 1 << 20 }));
+        assert!(budget.used() <= 1 << 20);
     }
 
     #[test]
