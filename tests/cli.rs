@@ -145,3 +145,51 @@ fn a_broken_run_does_not_stop_the_others() {
     let errors = v.to_string();
     assert!(errors.contains("not valid YAML") && errors.contains("Run directory not found"), "{v:#}");
 }
+
+#[test]
+fn flags_out_of_range_are_refused_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let img = sample_image(t.path());
+    let dir = run_dir(t.path(), true, true);
+    let (d, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
+    for (flag, value, says) in [
+        ("--jobs", "0", "0 is not in 1.."),
+        ("--vis-score-thresh", "NaN", "use a number from 0 to 1"),
+        ("--vis-score-thresh", "-inf", "use a number from 0 to 1"),
+        ("--vis-score-thresh", "1.5", "use a number from 0 to 1"),
+    ] {
+        let o = mkonnx(&["build", d, "--image-input", i, &format!("{flag}={value}")], &t.path().join("store"));
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", text(&o));
+        assert!(text(&o).contains(flag.trim_start_matches('-')) && text(&o).contains(says), "{flag} {value}: {}", text(&o));
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = run_dir(t.path(), true, true);
+    // `mkonnx report ... | head -0`: the reader is gone before anything is written.
+    let mut child = common::mkonnx_command_for(&common::mkonnx_binary(), t.path())
+        .args(["report", dir.to_str().unwrap(), "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(101), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+}
+
+#[test]
+fn a_damaged_store_index_says_how_to_recover() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("store.sqlite"), b"SQLite format 3\0 truncated by a full disk").unwrap();
+    let o = mkonnx(&["gc"], &store);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("is damaged") && out.contains("mv ") && out.contains("--store"), "{out}");
+}

@@ -364,3 +364,69 @@ fn a_model_that_fails_its_parity_check_is_not_published() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["runs"][0]["parity"], "FAILED (kept)");
 }
+
+/// `(state, parent pid)` of a process, from `/proc/<pid>/stat`; `None` once it is gone.
+fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// The pid of a live `mkonnx-torch` whose parent is `parent`.
+fn runner_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).find(|&pid| {
+        proc_state(pid).is_some_and(|(state, ppid)| ppid == parent && state != 'Z')
+            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mkonnx-torch")
+    })
+}
+
+#[test]
+fn nothing_is_written_outside_the_store_and_the_runner_dies_with_mkonnx() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = copy_run("mobilenet_v3_large_320_fpn", &t.path().join("run"), false);
+    let home = t.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let ds = eval_dataset();
+    let build = || {
+        let mut c = mkonnx_command_for(&mkonnx_binary(), &t.path().join("store"));
+        c.env("HOME", &home).env_remove("XDG_CACHE_HOME").env_remove("ORT_DISABLE_TELEMETRY");
+        c.args(["build", dir.to_str().unwrap(), "--dataset-dir", ds.to_str().unwrap(), "--evaluate-converted-model", "--quiet"]);
+        c
+    };
+    // ONNX Runtime and libtorch both ran: nothing under $HOME (ONNX Runtime's telemetry
+    // would write ~/.cache/Microsoft/DeveloperTools/.onnxruntime).
+    let o = build().output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let written: Vec<_> = std::fs::read_dir(&home).unwrap().collect();
+    assert!(written.is_empty(), "{written:?}");
+
+    // kill -9 mkonnx while its runner evaluates the dataset: the runner does not linger.
+    let mut child = build().arg("--force").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // A runner that has been up for a second (past loading libtorch, into its work).
+    let started = std::time::Instant::now();
+    let runner = loop {
+        if let Some(pid) = runner_of(child.id()) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if runner_of(child.id()) == Some(pid) {
+                break pid;
+            }
+        }
+        assert!(started.elapsed().as_secs() < 120, "no runner stayed up for a second");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // Stopped, the runner cannot notice its closed pipe: only the kernel can end it.
+    // SAFETY: signals to processes this test started.
+    unsafe { libc::kill(runner as i32, libc::SIGSTOP) };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while proc_state(runner).is_some_and(|(state, _)| state != 'Z') {
+        if killed.elapsed().as_secs() >= 10 {
+            unsafe { libc::kill(runner as i32, libc::SIGKILL) };
+            panic!("mkonnx-torch {runner} outlived its killed parent");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -209,6 +209,8 @@ impl PytorchRunner {
         let runner = runner_path()?;
         let mut child = Command::new(&runner)
             .arg("serve")
+            // The runner dies with us (see mkonnx-torch's `die_with_parent`).
+            .env("MKONNX_PARENT_PID", std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -102,15 +102,17 @@ fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyho
 }
 
 /// Asks the kernel to kill this process when the `mkonnx` that started it dies (even by
-/// `kill -9`), so a runner never lingers holding a model's memory and threads.
+/// `kill -9`), so a runner never lingers holding a model's memory and threads. mkonnx names
+/// itself in `MKONNX_PARENT_PID`: a parent that died before the request (while libtorch was
+/// loading) shows as a different parent, and the runner leaves at once.
 fn die_with_parent() {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes only this process.
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes only this
+    // process; getppid and _exit cannot fail.
     unsafe {
-        let parent = libc::getppid();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-        // The parent may have died before the request: then we were re-parented already.
-        if libc::getppid() != parent {
+        let expected = std::env::var("MKONNX_PARENT_PID").ok().and_then(|p| p.parse::<libc::pid_t>().ok());
+        if expected.is_some_and(|p| p != libc::getppid()) {
             libc::_exit(1);
         }
     }
