@@ -148,6 +148,14 @@ pub const STD_RANGE: Range = Range::positive(1e6);
 
 /// torchvision's BoxCoder clamp on dw/dh: `math.log(1000.0 / 16)`.
 pub const BBOX_XFORM_CLIP: f64 = 4.135166556742356;
+/// torchvision.ops.poolers.LevelMapper's canonical box size `s0`: a 224-px box maps to the
+/// canonical level.
+pub const LEVEL_MAPPER_CANONICAL_SCALE: i64 = 224;
+/// torchvision.ops.poolers.LevelMapper's canonical level `lvl0`.
+pub const LEVEL_MAPPER_CANONICAL_LEVEL: i64 = 4;
+/// torchvision.ops.poolers.LevelMapper's `eps`, added before the floor:
+/// `floor(lvl0 + log2(sqrt(area) / s0) + eps)`.
+pub const LEVEL_MAPPER_EPS: f32 = 1e-6;
 /// `RegionProposalNetwork.min_size`: proposals narrower than this are dropped.
 pub const RPN_MIN_BOX_SIZE: f32 = 1e-3;
 /// `RoIHeads.postprocess_detections`: detections narrower than this are dropped.

@@ -1,6 +1,6 @@
 //! FasterRCNN → ONNX: the whole of torchvision's eager inference inside one graph.
 //!
-//! Interface (DESIGN section 2): `input` float32 [B, 3, H, W] in 0..1; outputs `location`
+//! Interface (docs/DESIGN.md section 2): `input` float32 [B, 3, H, W] in 0..1; outputs `location`
 //! [B, N, 4] (x1, y1, x2, y2 divided by W and H), `score` [B, N], `category` int64 [B, N].
 //! B, H, W and N are dynamic. All images of a batch share H and W, so they share one resize;
 //! per-image ragged results (proposals, detections) are carried as padded [B, K] tensors with a
@@ -666,13 +666,13 @@ fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value],
     let h = g.sub(&y2, &y1);
     let area = g.mul(&w, &h);
     let s = g.sqrt(&area);
-    let s0 = g.scalar_f32(224.0);
+    let s0 = g.scalar_f32(LEVEL_MAPPER_CANONICAL_SCALE as f32);
     let r = g.div(&s, &s0);
     let l = g.log(&r);
     let l = g.div(&l, &ln2);
-    let four = g.scalar_f32(4.0);
+    let four = g.scalar_f32(LEVEL_MAPPER_CANONICAL_LEVEL as f32);
     let l = g.add(&four, &l);
-    let eps = g.scalar_f32(1e-6);
+    let eps = g.scalar_f32(LEVEL_MAPPER_EPS);
     let l = g.add(&l, &eps);
     let l = g.floor(&l);
     // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first

@@ -424,13 +424,16 @@ fn map_levels(det: &TorchDetector, proposals: &[Vec<[f32; 4]>], setup: &RoiLevel
     }
     let boxes = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([-1, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
     let col = |i: i64| boxes.f_select(1, i);
-    let eps =
-        Tensor::f_from_slice(&[1e-6f32]).and_then(|t| t.f_to_device(det.device)).and_then(|t| t.f_reshape(&[] as &[i64])).step(step)?;
+    let eps = Tensor::f_from_slice(&[LEVEL_MAPPER_EPS])
+        .and_then(|t| t.f_to_device(det.device))
+        .and_then(|t| t.f_reshape(&[] as &[i64]))
+        .step(step)?;
     let levels = (|| -> Result<Tensor, tch::TchError> {
         let area = col(2)?.f_sub(&col(0)?)?.f_mul(&col(3)?.f_sub(&col(1)?)?)?;
         let s = area.f_sqrt()?;
         // floor(lvl0 + log2(s / s0) + eps), clamped, minus k_min.
-        let l = s.f_div_scalar(224)?.f_log2()?.f_add_scalar(4)?.f_add(&eps)?.f_floor()?;
+        let l =
+            s.f_div_scalar(LEVEL_MAPPER_CANONICAL_SCALE)?.f_log2()?.f_add_scalar(LEVEL_MAPPER_CANONICAL_LEVEL)?.f_add(&eps)?.f_floor()?;
         l.f_clamp(setup.k_min, setup.k_max)?.f_to_kind(Kind::Int64)?.f_sub_scalar(setup.k_min)
     })()
     .step(step)?;
