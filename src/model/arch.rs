@@ -156,6 +156,12 @@ pub const LEVEL_MAPPER_CANONICAL_LEVEL: i64 = 4;
 /// torchvision.ops.poolers.LevelMapper's `eps`, added before the floor:
 /// `floor(lvl0 + log2(sqrt(area) / s0) + eps)`.
 pub const LEVEL_MAPPER_EPS: f32 = 1e-6;
+/// torchvision.ops.boxes.batched_nms: above this many box coordinates (`boxes.numel()`) on
+/// the CPU it loops NMS over the categories; at or below it, one NMS over boxes offset per
+/// category (the "coordinate trick"). The two can keep different boxes in near-ties.
+pub const BATCHED_NMS_TRICK_MAX_NUMEL_CPU: usize = 4000;
+/// The same switch on CUDA.
+pub const BATCHED_NMS_TRICK_MAX_NUMEL_CUDA: usize = 100_000;
 /// `RegionProposalNetwork.min_size`: proposals narrower than this are dropped.
 pub const RPN_MIN_BOX_SIZE: f32 = 1e-3;
 /// `RoIHeads.postprocess_detections`: detections narrower than this are dropped.

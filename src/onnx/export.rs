@@ -448,10 +448,11 @@ fn batched_nms(g: &mut GraphBuilder, boxes: &Value, scores: &Value, classes: &Va
     let selected = g.non_max_suppression(boxes, &class_scores, iou, INVALID_THRESHOLD);
     let kept_vanilla = kept_mask(g, scores, &selected);
 
-    // boxes.numel() > 4000, i.e. more than 1000 candidates, selects the per-class loop.
+    // boxes.numel() > BATCHED_NMS_TRICK_MAX_NUMEL_CPU (4 coordinates a candidate) selects the
+    // per-class loop.
     let count = g.cast(&eligible, DataType::Int64);
     let count = g.reduce_sum(&count, &[1], true);
-    let limit = g.const_i64(&[], &[1000]);
+    let limit = g.const_i64(&[], &[(BATCHED_NMS_TRICK_MAX_NUMEL_CPU / 4) as i64]);
     let many = g.greater(&count, &limit);
     let few = g.not(&many);
     let by_class = g.and(&many, &kept_vanilla);

@@ -15,6 +15,8 @@
 //! - C++ `std::max`/`std::min` and float-to-int casts are spelled out where NaN or
 //!   out-of-range values could make Rust's `f32::max` or `as` behave differently.
 
+use mkonnx::model::arch::{BATCHED_NMS_TRICK_MAX_NUMEL_CPU, BATCHED_NMS_TRICK_MAX_NUMEL_CUDA};
+
 /// Errors of the operators' inputs.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OpsError {
@@ -284,8 +286,9 @@ pub fn nms(boxes: &[[f32; 4]], scores: &[f32], iou_threshold: f64) -> Result<Vec
 
 /// `torchvision.ops.batched_nms`: NMS independently per category `idxs`, indices of the kept
 /// boxes by decreasing score. Like torchvision it offsets boxes per category and runs one
-/// NMS (the "coordinate trick") unless `boxes.numel()` exceeds 4000 on CPU (100 000 on
-/// CUDA, `on_cuda`), where it loops over the categories and merges by a sort.
+/// NMS (the "coordinate trick") unless `boxes.numel()` exceeds
+/// [`BATCHED_NMS_TRICK_MAX_NUMEL_CPU`] (on CUDA, `on_cuda`, [`BATCHED_NMS_TRICK_MAX_NUMEL_CUDA`]),
+/// where it loops over the categories and merges by a sort.
 pub fn batched_nms(boxes: &[[f32; 4]], scores: &[f32], idxs: &[i64], iou_threshold: f64, on_cuda: bool) -> Result<Vec<usize>, OpsError> {
     if boxes.len() != scores.len() || boxes.len() != idxs.len() {
         return Err(OpsError::Shape {
@@ -293,7 +296,7 @@ pub fn batched_nms(boxes: &[[f32; 4]], scores: &[f32], idxs: &[i64], iou_thresho
             what: format!("{} boxes, {} scores and {} category indices", boxes.len(), scores.len(), idxs.len()),
         });
     }
-    let limit = if on_cuda { 100_000 } else { 4000 };
+    let limit = if on_cuda { BATCHED_NMS_TRICK_MAX_NUMEL_CUDA } else { BATCHED_NMS_TRICK_MAX_NUMEL_CPU };
     if boxes.len() * 4 > limit {
         batched_nms_vanilla(boxes, scores, idxs, iou_threshold)
     } else {
