@@ -31,8 +31,6 @@ pub mod report;
 use crate::data::dataset::Dataset;
 use crate::data::run_dir::RunDir;
 use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome};
-use crate::eval::compare::Comparison;
-use crate::stages::parity::ParityReport;
 use crate::stages::{plan, BuildRequest, Device};
 use anyhow::Context;
 use args::{BuildArgs, Cli, Command, DeviceArg, ReportArgs};
@@ -242,10 +240,12 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let saved = report::saved_rows(&engine, &dirs)?;
     let by_label = report.by_label();
     let mut rows = Vec::new();
+    let mut json_rows = Vec::new();
     let mut changed = Vec::new();
     for (((dir, run), p), saved) in runs.iter().zip(&planned).zip(saved) {
         let nodes = by_label.get(p.label.as_str()).map(Vec::as_slice).unwrap_or_default();
-        let row = report::build_row(&engine, &report, nodes, &dir.display().to_string(), p, saved.clone());
+        let outputs = report::RunOutputs::new(&engine, &report, p);
+        let row = report::build_row(&report, nodes, &dir.display().to_string(), p, &outputs, saved.clone());
         if let Some(error) = &row.error {
             if p.error.is_none() {
                 err!("Error: {}: {error}", dir.display());
@@ -257,17 +257,31 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         if !quiet {
             let mark = if row.result == report::RunResult::Ok { "✓" } else { "✗" };
             out!("{mark} {}: {} stage(s) built, {} fresh", dir.display(), row.stages_built, row.stages_fresh);
-            if p.publish.is_some_and(|h| report.get(h).outcome.is_ok()) {
+            let o = outputs.get();
+            if o.published {
                 out!("  model: {}", run.onnx_dir().join("model.onnx").display());
             }
-            if let Some(par) = p.parity.and_then(|h| report::read_artifact::<ParityReport>(&engine, &report, h, "parity.json")) {
+            if let Some(par) = &o.parity {
                 out!("  {}", par.line());
             }
-            if let Some(c) = p.compare.and_then(|h| report::read_artifact::<Comparison>(&engine, &report, h, "comparison.json")) {
+            if let Some(c) = &o.comparison {
                 for line in c.table().lines() {
                     out!("  {line}");
                 }
             }
+        }
+        if a.json {
+            // The report's row, with the details a script may want besides: every stage's
+            // outcome, the comparison and the parity check in full, the model's path.
+            let o = outputs.get();
+            let mut details = serde_json::to_value(&row)?;
+            details["stages"] =
+                nodes.iter().map(|n| serde_json::json!({ "stage": n.stage, "outcome": outcome_name(&n.outcome) })).collect();
+            details["comparison"] = serde_json::to_value(&o.comparison)?;
+            details["parity_check"] = serde_json::to_value(&o.parity)?;
+            details["onnx_model"] =
+                if o.published { run.onnx_dir().join("model.onnx").display().to_string().into() } else { serde_json::Value::Null };
+            json_rows.push(details);
         }
         rows.push(row);
     }
@@ -282,25 +296,8 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
 
     if a.json {
-        // The report's rows, each with the details a script may want besides: every stage's
-        // outcome, the comparison and the parity check in full, the model's path.
-        let mut json: serde_json::Value = serde_json::from_str(&report::render(&rows, report::Format::Json))?;
-        if let Some(json_rows) = json["runs"].as_array_mut() {
-            for (row, ((_, run), p)) in json_rows.iter_mut().zip(runs.iter().zip(&planned)) {
-                let nodes = by_label.get(p.label.as_str()).map(Vec::as_slice).unwrap_or_default();
-                row["stages"] =
-                    nodes.iter().map(|n| serde_json::json!({ "stage": n.stage, "outcome": outcome_name(&n.outcome) })).collect();
-                row["comparison"] = serde_json::to_value(
-                    p.compare.and_then(|h| report::read_artifact::<Comparison>(&engine, &report, h, "comparison.json")),
-                )?;
-                row["parity_check"] =
-                    serde_json::to_value(p.parity.and_then(|h| report::read_artifact::<ParityReport>(&engine, &report, h, "parity.json")))?;
-                let published = p.publish.is_some_and(|h| report.get(h).outcome.is_ok());
-                row["onnx_model"] =
-                    if published { run.onnx_dir().join("model.onnx").display().to_string().into() } else { serde_json::Value::Null };
-            }
-        }
-        json["elapsed_s"] = report.elapsed.as_secs_f64().into();
+        json_rows.extend(rows[json_rows.len()..].iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?);
+        let json = serde_json::json!({ "ok": report::all_ok(&rows), "runs": json_rows, "elapsed_s": report.elapsed.as_secs_f64() });
         out!("{}", serde_json::to_string_pretty(&json)?);
     } else if a.run_dirs.len() > 1 {
         out_raw!("\n{}", report::render(&rows, report::Format::Text));

@@ -95,15 +95,58 @@ impl RunRow {
     }
 }
 
+/// What a run's build left in the store that reports and the terminal show, read (and
+/// verified) once, and only when something asks for it: a no-op fleet build whose saved
+/// rows still hold reads none of it.
+pub struct RunOutputs<'a> {
+    engine: &'a Engine,
+    report: &'a BuildReport,
+    planned: &'a PlannedRun,
+    read: std::cell::OnceCell<Outputs>,
+}
+
+/// The artifacts of [`RunOutputs`].
+#[derive(Default)]
+pub struct Outputs {
+    /// The resolved model (`model.json`).
+    pub info: Option<ModelInfo>,
+    /// The parity check (`parity.json`).
+    pub parity: Option<ParityReport>,
+    /// The comparison (`comparison.json`).
+    pub comparison: Option<Comparison>,
+    /// Whether `publish_model` succeeded, i.e. `onnx_model/model.onnx` is in place.
+    pub published: bool,
+}
+
+impl<'a> RunOutputs<'a> {
+    /// The outputs of `planned` in `report`, not read yet.
+    pub fn new(engine: &'a Engine, report: &'a BuildReport, planned: &'a PlannedRun) -> Self {
+        RunOutputs { engine, report, planned, read: std::cell::OnceCell::new() }
+    }
+
+    /// The outputs, read from the store on first use.
+    pub fn get(&self) -> &Outputs {
+        self.read.get_or_init(|| {
+            let (engine, report, p) = (self.engine, self.report, self.planned);
+            Outputs {
+                info: p.model.and_then(|h| read_artifact(engine, report, h, "model.json")),
+                parity: p.parity.and_then(|h| read_artifact(engine, report, h, "parity.json")),
+                comparison: p.compare.and_then(|h| read_artifact(engine, report, h, "comparison.json")),
+                published: p.publish.is_some_and(|h| report.get(h).outcome.is_ok()),
+            }
+        })
+    }
+}
+
 /// The row of one planned run after a build; `nodes` are the run's nodes in `report` (see
 /// [`BuildReport::by_label`]). `saved` is the row saved by the run's last build, reused when
 /// every stage key is the same (only the counts and time are new).
 pub fn build_row(
-    engine: &Engine,
     report: &BuildReport,
     nodes: &[&NodeReport],
     run: &str,
     planned: &PlannedRun,
+    outputs: &RunOutputs<'_>,
     saved: Option<RunRow>,
 ) -> RunRow {
     if let Some(error) = &planned.error {
@@ -132,17 +175,14 @@ pub fn build_row(
         let model = planned.model.map(|m| report.get(m))?;
         model.file_hashes.iter().find(|(n, _)| n == name).map(|(_, h)| h.to_hex())
     };
-    let info: Option<ModelInfo> = planned.model.and_then(|h| read_artifact(engine, report, h, "model.json"));
-    let parity: Option<ParityReport> = planned.parity.and_then(|h| read_artifact(engine, report, h, "parity.json"));
-    let published = planned.publish.is_some_and(|h| report.get(h).outcome.is_ok());
-    let comparison: Option<Comparison> = planned.compare.and_then(|h| read_artifact(engine, report, h, "comparison.json"));
+    let Outputs { info, parity, comparison, published } = outputs.get();
     RunRow {
         run: run.to_string(),
-        architecture: info.map(|i| i.arch.to_string()),
+        architecture: info.as_ref().map(|i| i.arch.to_string()),
         result: if error.is_none() { RunResult::Ok } else { RunResult::Failed },
         stages_built: built,
         stages_fresh: fresh,
-        parity: parity.map(|p| match (p.passed, published) {
+        parity: parity.as_ref().map(|p| match (p.passed, published) {
             (true, _) => "OK".to_string(),
             (false, true) => "FAILED (kept)".to_string(),
             (false, false) => "FAILED".to_string(),
@@ -159,7 +199,7 @@ pub fn build_row(
 }
 
 /// Reads a JSON artifact of a node that built or was fresh in this report.
-pub fn read_artifact<T: for<'de> Deserialize<'de>>(engine: &Engine, report: &BuildReport, node: NodeHandle, artifact: &str) -> Option<T> {
+fn read_artifact<T: for<'de> Deserialize<'de>>(engine: &Engine, report: &BuildReport, node: NodeHandle, artifact: &str) -> Option<T> {
     let n = report.get(node);
     if !n.outcome.is_ok() {
         return None;

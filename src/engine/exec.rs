@@ -231,7 +231,12 @@ struct Finished {
 
 impl Finished {
     fn failed(h: NodeHandle, key: Option<Hash>, error: anyhow::Error) -> Self {
-        Finished { done: Done::Failed { root: h }, outcome: Outcome::Failed { error: Arc::new(error) }, key, file_hashes: Vec::new() }
+        Finished::failed_with(h, key, Arc::new(error))
+    }
+
+    /// A failure whose error is shared with other nodes (the same key failed for them).
+    fn failed_with(h: NodeHandle, key: Option<Hash>, error: Arc<anyhow::Error>) -> Self {
+        Finished { done: Done::Failed { root: h }, outcome: Outcome::Failed { error }, key, file_hashes: Vec::new() }
     }
 }
 
@@ -539,9 +544,6 @@ impl Engine {
                         return Err(MatError::CorruptInput { upstream: u.node, blob: *blob });
                     }
                 }
-                if let Some(observer) = cx.opts.observer {
-                    observer(&BuildEvent::Started { node: h });
-                }
                 let failed_before = cx.failed_keys.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
                 if let Some(error) = failed_before {
                     return Ok(Finished::failed(
@@ -549,6 +551,9 @@ impl Engine {
                         Some(key),
                         anyhow!("{error:#} (the same stage with the same inputs failed earlier in this build)"),
                     ));
+                }
+                if let Some(observer) = cx.opts.observer {
+                    observer(&BuildEvent::Started { node: h });
                 }
                 match self.run_stage(node, files, upstream, key) {
                     Ok((result, duration)) => {
@@ -558,12 +563,7 @@ impl Engine {
                     Err(e) => {
                         let e = Arc::new(e);
                         cx.failed_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(key, e.clone());
-                        return Ok(Finished {
-                            done: Done::Failed { root: h },
-                            outcome: Outcome::Failed { error: e },
-                            key: Some(key),
-                            file_hashes: Vec::new(),
-                        });
+                        return Ok(Finished::failed_with(h, Some(key), e));
                     }
                 }
             }

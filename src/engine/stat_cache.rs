@@ -126,10 +126,8 @@ pub(crate) struct FileHasher {
     /// inode, size, mtime and ctime is a hard link to the same bytes (a fleet of runs that
     /// share one checkpoint file), so it is not read again.
     by_stat: Mutex<HashMap<FileStat, StatRecord>>,
-    /// Records read from the store's stat cache in this build, by path: a checkpoint that
-    /// four stages of a run take as input is looked up once.
-    looked_up: Mutex<HashMap<PathBuf, Option<StatRecord>>>,
-    /// What [`FileHasher::hash`] answered for each path in this build.
+    /// What [`FileHasher::hash`] answered for each path in this build (so the stat cache is
+    /// looked up once per path: a checkpoint that four stages of a run take as input).
     seen: Mutex<HashMap<PathBuf, (Hash, FileStat)>>,
     files_read: AtomicUsize,
     bytes_read: AtomicU64,
@@ -143,7 +141,6 @@ impl FileHasher {
             margin_ns,
             pending: Mutex::new(HashMap::new()),
             by_stat: Mutex::new(HashMap::new()),
-            looked_up: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             files_read: AtomicUsize::new(0),
             bytes_read: AtomicU64::new(0),
@@ -216,15 +213,10 @@ impl FileHasher {
             return Ok(Some(*r));
         }
         drop(pending);
-        if let Some(r) = self.looked_up.lock().unwrap_or_else(PoisonError::into_inner).get(path) {
-            return Ok(*r);
+        match path.to_str() {
+            Some(p) => self.store.stat_get(p),
+            None => Ok(None),
         }
-        let record = match path.to_str() {
-            Some(p) => self.store.stat_get(p)?,
-            None => None,
-        };
-        self.looked_up.lock().unwrap_or_else(PoisonError::into_inner).insert(path.to_path_buf(), record);
-        Ok(record)
     }
 
     fn remember(&self, path: &Path, record: StatRecord) {

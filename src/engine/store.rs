@@ -407,13 +407,12 @@ impl Store {
     pub fn read_artifact(&self, key: &Hash, name: &str) -> Result<Vec<u8>, EngineError> {
         let (result, _) = self.lookup_result(key)?.ok_or_else(|| self.corrupt(format!("no result for key {}", key.to_hex())))?;
         let hash = result.artifacts.get(name).ok_or_else(|| self.corrupt(format!("result {} has no artifact {name}", key.to_hex())))?;
-        let path = self.blob_path(hash);
-        let bytes = fs::read(&path).map_err(|e| EngineError::io("read", &path, e))?;
-        if super::hash::hash_bytes(&bytes) != *hash {
+        if let Err(e) = self.verify_blob(hash) {
             self.forget_blob(hash)?;
-            return Err(EngineError::CorruptBlob { path });
+            return Err(e);
         }
-        Ok(bytes)
+        let path = self.blob_path(hash);
+        fs::read(&path).map_err(|e| EngineError::io("read", path, e))
     }
 
     /// Checks every blob the store records against its hash (and SQLite's own integrity
