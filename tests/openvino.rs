@@ -239,10 +239,10 @@ fn every_architecture_matches_torchvision_eager_in_openvino() {
 }
 
 /// torchvision's eager size, in f64 as Python computes it: int(x * min(mn / short, mx / long)).
+/// torchvision's resize size (the definition the libtorch runner uses, itself checked against
+/// eager PyTorch's resized sizes in torch/tests/torch_runner.rs).
 fn eager_size(h: i64, w: i64, mn: u32, mx: u32) -> [i64; 2] {
-    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
-    let scale = (f64::from(mn) / short).min(f64::from(mx) / long);
-    [(h as f64 * scale) as i64, (w as f64 * scale) as i64]
+    mkonnx::model::detection::resize::resized_size(h, w, mn, mx)
 }
 
 #[test]

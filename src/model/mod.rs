@@ -3,6 +3,7 @@
 
 pub mod anchors;
 pub mod arch;
+pub mod detection;
 pub mod network;
 pub mod resolve;
 pub mod weights;

@@ -14,6 +14,7 @@ use super::ops::ConvParams;
 use super::proto::{DataType, ModelProto};
 use crate::model::anchors::cell_anchors;
 use crate::model::arch::*;
+use crate::model::detection::{box_coder, boxes, level_mapper, DetectionOps, ImageSize};
 use crate::model::network::{self, Backend};
 use crate::model::weights::{WeightError, Weights};
 use crate::model::Detector;
@@ -99,6 +100,72 @@ impl Backend for OnnxBackend<'_> {
     }
 }
 
+/// The detection formulas ([`crate::model::detection`]) as ONNX nodes. Scalars are float32
+/// graph values, since image sizes and level bounds depend on the input's shape.
+impl DetectionOps for OnnxBackend<'_> {
+    type Scalar = Value;
+
+    fn constant(&mut self, v: f64) -> Value {
+        self.g.scalar_f32(v as f32)
+    }
+    fn ratio(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.div(a, b)
+    }
+    fn coords(&mut self, boxes: &Value) -> [Value; 4] {
+        unbind_boxes(self.g, boxes)
+    }
+    fn stack_coords(&mut self, coords: &[Value; 4]) -> Value {
+        stack_boxes(self.g, coords)
+    }
+    fn plus(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.add(a, b)
+    }
+    fn sub(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.sub(a, b)
+    }
+    fn add_scalar(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.add(x, s)
+    }
+    fn sub_scalar(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.sub(x, s)
+    }
+    fn mul_scalar(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.mul(x, s)
+    }
+    fn div_scalar(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.div(x, s)
+    }
+    fn clamp(&mut self, x: &Value, lo: Option<&Value>, hi: Option<&Value>) -> Value {
+        match (lo, hi) {
+            (Some(lo), Some(hi)) => self.g.clip(x, lo, hi),
+            (Some(lo), None) => self.g.max(x, lo),
+            (None, Some(hi)) => self.g.min(x, hi),
+            (None, None) => x.clone(),
+        }
+    }
+    fn exp(&mut self, x: &Value) -> Value {
+        self.g.exp(x)
+    }
+    fn sqrt(&mut self, x: &Value) -> Value {
+        self.g.sqrt(x)
+    }
+    fn log2(&mut self, x: &Value) -> Value {
+        // ONNX has no Log2: ln(x) / ln(2).
+        let ln = self.g.log(x);
+        let ln2 = self.g.scalar_f32(std::f32::consts::LN_2);
+        self.g.div(&ln, &ln2)
+    }
+    fn floor(&mut self, x: &Value) -> Value {
+        self.g.floor(x)
+    }
+    fn at_least(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.greater_or_equal(x, s)
+    }
+    fn both(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.and(a, b)
+    }
+}
+
 /// Builds the complete ONNX model for `detector`.
 pub fn export(detector: &Detector) -> Result<ModelProto, WeightError> {
     let mut g = GraphBuilder::new();
@@ -135,14 +202,26 @@ struct Sizes {
     padded_w: Value,
 }
 
+impl Sizes {
+    /// The resized (unpadded) image size as formula scalars.
+    fn resized(&self) -> ImageSize<Value> {
+        ImageSize { height: self.resized_h.clone(), width: self.resized_w.clone() }
+    }
+
+    /// The input image size as formula scalars.
+    fn input(&self) -> ImageSize<Value> {
+        ImageSize { height: self.input_h.clone(), width: self.input_w.clone() }
+    }
+}
+
 fn detector_graph(b: &mut OnnxBackend, det: &Detector, input: &Value) -> Result<(Value, Value, Value), WeightError> {
     let (images, sizes) = transform(b.g, &det.params, input);
     let features = network::backbone(b, det.arch, &images)?;
     let (proposals, proposal_valid) = rpn(b, det, &features.maps, &sizes)?;
-    let pooled = multi_scale_roi_align(b.g, &features.names, &features.maps, &proposals, &sizes);
+    let pooled = multi_scale_roi_align(b, &features.names, &features.maps, &proposals, &sizes);
     let x = network::box_head(b, det.arch, &pooled)?;
     let (logits, deltas) = network::box_predictor(b, &x)?;
-    Ok(postprocess(b.g, &det.params, &logits, &deltas, &proposals, &proposal_valid, &sizes))
+    Ok(postprocess(b, &det.params, &logits, &deltas, &proposals, &proposal_valid, &sizes))
 }
 
 /// `GeneralizedRCNNTransform`: normalize, resize as eager PyTorch computes the size, pad to 32.
@@ -350,61 +429,6 @@ fn stack_boxes(g: &mut GraphBuilder, c: &[Value; 4]) -> Value {
     g.concat(&parts.iter().collect::<Vec<_>>(), -1)
 }
 
-/// `BoxCoder.decode_single`: deltas [..., 4] relative to reference boxes (broadcastable).
-fn decode_boxes(g: &mut GraphBuilder, deltas: &Value, reference: &Value, weights: [f32; 4]) -> Value {
-    let [x1, y1, x2, y2] = unbind_boxes(g, reference);
-    let widths = g.sub(&x2, &x1);
-    let heights = g.sub(&y2, &y1);
-    let half = g.scalar_f32(0.5);
-    let hw_ = g.mul(&half, &widths);
-    let ctr_x = g.add(&x1, &hw_);
-    let hh = g.mul(&half, &heights);
-    let ctr_y = g.add(&y1, &hh);
-    let [dx, dy, dw, dh] = unbind_boxes(g, deltas);
-    let [wx, wy, ww, wh] = weights.map(|w| g.scalar_f32(w));
-    let dx = g.div(&dx, &wx);
-    let dy = g.div(&dy, &wy);
-    let dw = g.div(&dw, &ww);
-    let dh = g.div(&dh, &wh);
-    let clip = g.scalar_f32(BBOX_XFORM_CLIP as f32);
-    let dw = g.min(&dw, &clip);
-    let dh = g.min(&dh, &clip);
-    let px = g.mul(&dx, &widths);
-    let pred_ctr_x = g.add(&px, &ctr_x);
-    let py = g.mul(&dy, &heights);
-    let pred_ctr_y = g.add(&py, &ctr_y);
-    let ew = g.exp(&dw);
-    let pred_w = g.mul(&ew, &widths);
-    let eh = g.exp(&dh);
-    let pred_h = g.mul(&eh, &heights);
-    let c_w = g.mul(&half, &pred_w);
-    let c_h = g.mul(&half, &pred_h);
-    let out = [g.sub(&pred_ctr_x, &c_w), g.sub(&pred_ctr_y, &c_h), g.add(&pred_ctr_x, &c_w), g.add(&pred_ctr_y, &c_h)];
-    stack_boxes(g, &out)
-}
-
-/// `clip_boxes_to_image` to the resized image, returning the four clipped coordinates.
-fn clip_boxes(g: &mut GraphBuilder, boxes: &Value, sizes: &Sizes) -> [Value; 4] {
-    let zero = g.scalar_f32(0.0);
-    let [x1, y1, x2, y2] = unbind_boxes(g, boxes);
-    [
-        g.clip(&x1, &zero, &sizes.resized_w),
-        g.clip(&y1, &zero, &sizes.resized_h),
-        g.clip(&x2, &zero, &sizes.resized_w),
-        g.clip(&y2, &zero, &sizes.resized_h),
-    ]
-}
-
-/// `remove_small_boxes` as a mask: width and height both >= `min_size`.
-fn big_enough(g: &mut GraphBuilder, c: &[Value; 4], min_size: f32) -> Value {
-    let m = g.scalar_f32(min_size);
-    let w = g.sub(&c[2], &c[0]);
-    let h = g.sub(&c[3], &c[1]);
-    let wk = g.greater_or_equal(&w, &m);
-    let hk = g.greater_or_equal(&h, &m);
-    g.and(&wk, &hk)
-}
-
 /// torchvision's `batched_nms` per image over padded candidates: boxes [B, N, 4], scores
 /// [B, N] with [`INVALID`] for candidates that are not eligible, classes [B, N] or [N] as
 /// float32 ids taking the values `class_ids` (the ids torchvision passes: levels 0.., labels
@@ -542,10 +566,10 @@ fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Re
         deltas.push(g.reshape_const(&t, &[0, -1, 4]));
         anchors.push(grid_anchors(g, feature, &cells, sizes));
     }
+    let anchors_all = b.g.concat(&anchors.iter().collect::<Vec<_>>(), 0);
+    let deltas_all = b.g.concat(&deltas.iter().collect::<Vec<_>>(), 1);
+    let proposals = box_coder::decode(b, &deltas_all, &anchors_all, [1.0; 4]);
     let g = &mut *b.g;
-    let anchors_all = g.concat(&anchors.iter().collect::<Vec<_>>(), 0);
-    let deltas_all = g.concat(&deltas.iter().collect::<Vec<_>>(), 1);
-    let proposals = decode_boxes(g, &deltas_all, &anchors_all, [1.0; 4]);
 
     // Per-level top-k of the objectness logits (torchvision: _get_top_n_idx).
     let mut top_idx = Vec::new();
@@ -570,9 +594,10 @@ fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Re
     let boxes = gather_rows(g, &proposals, &idx, Some(4));
     let probs = g.sigmoid(&logits);
 
-    let clipped = clip_boxes(g, &boxes, sizes);
+    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized());
+    let keep = boxes::big_enough(b, &clipped, f64::from(RPN_MIN_BOX_SIZE));
+    let g = &mut *b.g;
     let boxes = stack_boxes(g, &clipped);
-    let keep = big_enough(g, &clipped, RPN_MIN_BOX_SIZE);
     let thresh = g.scalar_f32(p.rpn_score_thresh);
     let confident = g.greater_or_equal(&probs, &thresh);
     let keep = g.and(&keep, &confident);
@@ -621,7 +646,8 @@ fn grid_anchors(g: &mut GraphBuilder, feature: &Value, cells: &[[f32; 4]], sizes
 
 /// `MultiScaleRoIAlign` over the maps named `0`..`3`: each RoI pooled from the level
 /// torchvision's `LevelMapper` assigns it. proposals [B, K, 4] → [B·K, C, 7, 7].
-fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value], proposals: &Value, sizes: &Sizes) -> Value {
+fn multi_scale_roi_align(b: &mut OnnxBackend, names: &[String], maps: &[Value], proposals: &Value, sizes: &Sizes) -> Value {
+    let g = &mut *b.g;
     let levels: Vec<&Value> = names.iter().zip(maps).filter(|(n, _)| ROI_FEATURE_NAMES.contains(&n.as_str())).map(|(_, m)| m).collect();
     let rois = g.reshape_const(proposals, &[-1, 4]);
     let k = g.shape(proposals);
@@ -661,27 +687,12 @@ fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value],
         return g.roi_align(levels[0], &scaled, &batch_indices, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO);
     }
 
-    // LevelMapper: floor(4 + log2(sqrt(area) / 224) + 1e-6), clamped to [k_min, k_max].
-    let [x1, y1, x2, y2] = unbind_boxes(g, &rois);
-    let w = g.sub(&x2, &x1);
-    let h = g.sub(&y2, &y1);
-    let area = g.mul(&w, &h);
-    let s = g.sqrt(&area);
-    let s0 = g.scalar_f32(LEVEL_MAPPER_CANONICAL_SCALE as f32);
-    let r = g.div(&s, &s0);
-    let l = g.log(&r);
-    let l = g.div(&l, &ln2);
-    let four = g.scalar_f32(LEVEL_MAPPER_CANONICAL_LEVEL as f32);
-    let l = g.add(&four, &l);
-    let eps = g.scalar_f32(LEVEL_MAPPER_EPS);
-    let l = g.add(&l, &eps);
-    let l = g.floor(&l);
     // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first
     // input into the producer of the second and compute e - 0 (see eager_resize_hw).
     let k_min = g.neg(&exponents[0]);
     let k_max = g.neg(&exponents[levels.len() - 1]);
-    let l = g.clip(&l, &k_min, &k_max);
-    let target = g.sub(&l, &k_min);
+    let target = level_mapper::target_levels(b, &rois, &k_min, &k_max);
+    let g = &mut *b.g;
 
     let pooled_shape = {
         let r = g.shape(&rois);
@@ -712,7 +723,7 @@ fn multi_scale_roi_align(g: &mut GraphBuilder, names: &[String], maps: &[Value],
 /// `RoIHeads.postprocess_detections` + `GeneralizedRCNNTransform.postprocess`, then the
 /// normalized, zero-padded output layout.
 fn postprocess(
-    g: &mut GraphBuilder,
+    b: &mut OnnxBackend,
     p: &DetectorParams,
     logits: &Value,
     deltas: &Value,
@@ -723,10 +734,11 @@ fn postprocess(
     let num_classes = p.num_classes as i64;
     let fg = num_classes - 1;
     // Decode every class's box against its proposal: [B·K, C, 4].
-    let rois = g.reshape_const(proposals, &[-1, 1, 4]);
-    let d = g.reshape_const(deltas, &[0, num_classes, 4]);
-    let boxes = decode_boxes(g, &d, &rois, ROI_BOX_CODER_WEIGHTS);
-    let clipped = clip_boxes(g, &boxes, sizes);
+    let rois = b.g.reshape_const(proposals, &[-1, 1, 4]);
+    let d = b.g.reshape_const(deltas, &[0, num_classes, 4]);
+    let boxes = box_coder::decode(b, &d, &rois, ROI_BOX_CODER_WEIGHTS.map(f64::from));
+    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized());
+    let g = &mut *b.g;
     let boxes = stack_boxes(g, &clipped);
     let scores = g.softmax(logits, -1);
 
@@ -764,7 +776,8 @@ fn postprocess(
     let thresh = g.scalar_f32(p.box_score_thresh);
     let confident = g.greater(&scores, &thresh);
     let coords = unbind_boxes(g, &boxes);
-    let big = big_enough(g, &coords, DETECTION_MIN_BOX_SIZE);
+    let big = boxes::big_enough(b, &coords, f64::from(DETECTION_MIN_BOX_SIZE));
+    let g = &mut *b.g;
     let keep = g.and(&roi_valid, &confident);
     let keep = g.and(&keep, &big);
 
@@ -790,14 +803,10 @@ fn postprocess(
     let category = g.cast(&label, DataType::Int64);
     let det_boxes = gather_rows(g, &boxes, &order, Some(4));
 
-    // transform.postprocess: boxes · (original / resized) in float32, then normalized.
-    let ratio_w = g.div(&sizes.input_w, &sizes.resized_w);
-    let ratio_h = g.div(&sizes.input_h, &sizes.resized_h);
-    let [x1, y1, x2, y2] = unbind_boxes(g, &det_boxes);
-    let x1 = g.mul(&x1, &ratio_w);
-    let x2 = g.mul(&x2, &ratio_w);
-    let y1 = g.mul(&y1, &ratio_h);
-    let y2 = g.mul(&y2, &ratio_h);
+    // transform.postprocess (boxes back to the input image), then normalized.
+    let coords = unbind_boxes(g, &det_boxes);
+    let [x1, y1, x2, y2] = boxes::resize_to_original(b, &coords, &sizes.resized(), &sizes.input());
+    let g = &mut *b.g;
     let norm = [g.div(&x1, &sizes.input_w), g.div(&y1, &sizes.input_h), g.div(&x2, &sizes.input_w), g.div(&y2, &sizes.input_h)];
     let location = stack_boxes(g, &norm);
     let valid4 = g.unsqueeze(&valid, &[2]);

@@ -4,6 +4,7 @@
 use super::{RuntimeError, TorchContext};
 use crate::ops::python_float;
 use mkonnx::model::arch::{Architecture, BATCH_NORM_EPS};
+use mkonnx::model::detection::DetectionOps;
 use mkonnx::model::network::Backend;
 use mkonnx::model::weights::{WeightError, Weights};
 use std::collections::HashMap;
@@ -233,5 +234,74 @@ impl Backend for TchBackend<'_> {
 
     fn flatten(&mut self, x: &Shared) -> Shared {
         self.keep(x.0.f_flatten(1, -1), "flatten")
+    }
+}
+
+/// The detection formulas ([`mkonnx::model::detection`]) as the ATen calls eager torchvision
+/// makes: scalars are plain numbers passed as ATen `Scalar`s, which ATen rounds to float32
+/// for float32 tensors, as it does with torchvision's Python numbers.
+impl DetectionOps for TchBackend<'_> {
+    type Scalar = f64;
+
+    fn constant(&mut self, v: f64) -> f64 {
+        v
+    }
+    fn ratio(&mut self, a: &f64, b: &f64) -> f64 {
+        f64::from(*a as f32 / *b as f32)
+    }
+    fn coords(&mut self, boxes: &Shared) -> [Shared; 4] {
+        [0, 1, 2, 3].map(|i| {
+            let r = boxes.0.f_select(-1, i);
+            self.keep(r, "box coordinates")
+        })
+    }
+    fn stack_coords(&mut self, c: &[Shared; 4]) -> Shared {
+        self.keep(Tensor::f_stack(&[&c[0].0, &c[1].0, &c[2].0, &c[3].0], -1), "stacking box coordinates")
+    }
+    fn plus(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_add(&b.0), "add")
+    }
+    fn sub(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_sub(&b.0), "sub")
+    }
+    fn add_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        self.keep(x.0.f_add_scalar(*s), "add")
+    }
+    fn sub_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        self.keep(x.0.f_sub_scalar(*s), "sub")
+    }
+    fn mul_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        self.keep(x.0.f_mul_scalar(*s), "mul")
+    }
+    fn div_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        self.keep(x.0.f_div_scalar(*s), "div")
+    }
+    fn clamp(&mut self, x: &Shared, lo: Option<&f64>, hi: Option<&f64>) -> Shared {
+        // torch.clamp dispatches on which bounds are given; so do these calls.
+        let r = match (lo, hi) {
+            (Some(lo), Some(hi)) => x.0.f_clamp(*lo, *hi),
+            (Some(lo), None) => x.0.f_clamp_min(*lo),
+            (None, Some(hi)) => x.0.f_clamp_max(*hi),
+            (None, None) => Ok(x.0.shallow_clone()),
+        };
+        self.keep(r, "clamp")
+    }
+    fn exp(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_exp(), "exp")
+    }
+    fn sqrt(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_sqrt(), "sqrt")
+    }
+    fn log2(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_log2(), "log2")
+    }
+    fn floor(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_floor(), "floor")
+    }
+    fn at_least(&mut self, x: &Shared, s: &f64) -> Shared {
+        self.keep(x.0.f_ge(*s), "comparison")
+    }
+    fn both(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_logical_and(&b.0), "logical and")
     }
 }

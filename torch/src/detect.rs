@@ -9,6 +9,7 @@ use super::backend::{Shared, TchBackend};
 use super::ops::{batched_nms, python_float, roi_align, RoiAlignParams};
 use super::{Detections, RoiLevels, RuntimeError, TorchContext, TorchDetector, Trace};
 use mkonnx::model::arch::*;
+use mkonnx::model::detection::{box_coder, boxes, level_mapper, resize::resized_size, DetectionOps, ImageSize};
 use mkonnx::model::network;
 use mkonnx::model::weights::WeightError;
 use tch::{Device, Kind, Tensor};
@@ -37,21 +38,18 @@ pub(crate) fn run(det: &TorchDetector, images: &[Tensor]) -> Result<Vec<(Detecti
 
     let proposals = rpn(det, &mut backend, &maps, padded, &resized)?;
     phases.lap("rpn");
-    let pooled = multi_scale_roi_align(det, &features.names, &maps, &proposals, &resized)?;
+    let pooled = multi_scale_roi_align(det, &mut backend, &features.names, &maps, &proposals, &resized)?;
     phases.lap("roi_align");
     let detections = roi_heads(det, &mut backend, pooled, &proposals, &resized)?;
     phases.lap("roi_heads");
     phases.report();
 
-    Ok(detections
-        .into_iter()
-        .zip(proposals)
-        .enumerate()
-        .map(|(i, (d, props))| {
-            let d = rescale(d, resized[i], original[i]);
-            (d, Trace { original_size: original[i], resized_size: resized[i], padded_size: padded, proposals: props })
-        })
-        .collect())
+    let mut out = Vec::with_capacity(detections.len());
+    for (i, (d, props)) in detections.into_iter().zip(proposals).enumerate() {
+        let d = rescale(det, &mut backend, d, resized[i], original[i])?;
+        out.push((d, Trace { original_size: original[i], resized_size: resized[i], padded_size: padded, proposals: props }));
+    }
+    Ok(out)
 }
 
 /// Wall time per inference phase, printed to stderr when `MKONNX_TORCH_PROFILE` is set (to
@@ -145,47 +143,57 @@ fn transform(det: &TorchDetector, images: &[Tensor]) -> Result<(Tensor, Sizes), 
     Ok((batch, sizes))
 }
 
-/// The resize target of eager PyTorch: `scale = min(min_size / min(h, w), max_size / max(h, w))`
-/// in doubles, then `int(size * scale)` per side (truncation, as `F.interpolate` computes it
-/// with `recompute_scale_factor=True`).
-pub(crate) fn resized_size(h: i64, w: i64, min_size: u32, max_size: u32) -> [i64; 2] {
-    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
-    let scale = f64::min(f64::from(min_size) / short, f64::from(max_size) / long);
-    [(h as f64 * scale) as i64, (w as f64 * scale) as i64]
-}
-
 fn ceil_to(v: i64, m: i64) -> i64 {
     (v + m - 1) / m * m
 }
 
 // ----------------------------------------------------------------------------- box coder
 
-/// `BoxCoder.decode_single(rel_codes [R, 4k], boxes [R, 4])` → [R, 4k], op for op.
-fn decode_single(rel_codes: &Tensor, boxes: &Tensor, weights: [f64; 4]) -> Result<Tensor, tch::TchError> {
-    let col = |t: &Tensor, i: i64| t.f_select(1, i);
-    let widths = col(boxes, 2)?.f_sub(&col(boxes, 0)?)?;
-    let heights = col(boxes, 3)?.f_sub(&col(boxes, 1)?)?;
-    let ctr_x = col(boxes, 0)?.f_add(&widths.f_mul_scalar(0.5)?)?;
-    let ctr_y = col(boxes, 1)?.f_add(&heights.f_mul_scalar(0.5)?)?;
-    let every = |i: i64, w: f64| rel_codes.f_slice(1, i, None::<i64>, 4).and_then(|t| t.f_div_scalar(w));
-    let dx = every(0, weights[0])?;
-    let dy = every(1, weights[1])?;
-    let dw = every(2, weights[2])?.f_clamp_max(BBOX_XFORM_CLIP)?;
-    let dh = every(3, weights[3])?.f_clamp_max(BBOX_XFORM_CLIP)?;
-    let widths = widths.f_unsqueeze(1)?;
-    let heights = heights.f_unsqueeze(1)?;
-    let pred_ctr_x = dx.f_mul(&widths)?.f_add(&ctr_x.f_unsqueeze(1)?)?;
-    let pred_ctr_y = dy.f_mul(&heights)?.f_add(&ctr_y.f_unsqueeze(1)?)?;
-    let pred_w = dw.f_exp()?.f_mul(&widths)?;
-    let pred_h = dh.f_exp()?.f_mul(&heights)?;
-    let half = Tensor::f_from_slice(&[0.5f32])?.f_to_device(rel_codes.device())?.f_reshape(&[] as &[i64])?;
-    let c_to_c_h = half.f_mul(&pred_h)?;
-    let c_to_c_w = half.f_mul(&pred_w)?;
-    let b1 = pred_ctr_x.f_sub(&c_to_c_w)?;
-    let b2 = pred_ctr_y.f_sub(&c_to_c_h)?;
-    let b3 = pred_ctr_x.f_add(&c_to_c_w)?;
-    let b4 = pred_ctr_y.f_add(&c_to_c_h)?;
-    Tensor::f_stack(&[b1, b2, b3, b4], 2)?.f_flatten(1, -1)
+/// `BoxCoder.decode_single(rel_codes [R, 4k], boxes [R, 4])` → [R, 4k]: the shared
+/// [`box_coder::decode`] on [R, k, 4] deltas against [R, 1, 4] boxes (the same elements
+/// `rel_codes[:, i::4]` and `widths[:, None]` address).
+fn decode_single(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    rel_codes: &Tensor,
+    boxes: &Tensor,
+    weights: [f64; 4],
+    step: &str,
+) -> Result<Tensor, RuntimeError> {
+    let r = rel_codes.size()[0];
+    let deltas = rel_codes.f_reshape([r, -1, 4]).step(step)?;
+    let reference = boxes.f_unsqueeze(1).step(step)?;
+    let Shared(decoded) = box_coder::decode(backend, &Shared(deltas), &Shared(reference), weights);
+    backend_result(det, backend, decoded)?.f_flatten(1, -1).step(step)
+}
+
+/// A tensor from the detection formulas, or the first error the backend kept.
+fn backend_result<T>(det: &TorchDetector, backend: &mut TchBackend, value: T) -> Result<T, RuntimeError> {
+    network_result(det, backend, Ok(value))
+}
+
+/// An image size as the formulas' scalars.
+fn image_size([h, w]: [i64; 2]) -> ImageSize<f64> {
+    ImageSize { height: h as f64, width: w as f64 }
+}
+
+/// `clip_boxes_to_image` then the `remove_small_boxes` test, for boxes [..., 4] of one image:
+/// the clipped boxes and, per box, whether it is big enough.
+fn clip_and_measure(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    candidates: &Tensor,
+    size: [i64; 2],
+    min_size: f32,
+    step: &str,
+) -> Result<(Vec<[f32; 4]>, Vec<bool>), RuntimeError> {
+    let coords = boxes::clip_to_image(backend, &Shared(candidates.shallow_clone()), &image_size(size));
+    let big = boxes::big_enough(backend, &coords, f64::from(min_size));
+    let Shared(clipped) = backend.stack_coords(&coords);
+    let (clipped, Shared(big)) = backend_result(det, backend, (clipped, big))?;
+    let big = big.f_to_kind(Kind::Float).step(step)?;
+    let big = to_vec_f32(&big, step)?.into_iter().map(|v| v != 0.0).collect();
+    Ok((as_boxes(&to_vec_f32(&clipped, step)?), big))
 }
 
 // ----------------------------------------------------------------------------- RPN
@@ -207,26 +215,6 @@ fn to_vec_i64(t: &Tensor, step: &str) -> Result<Vec<i64>, RuntimeError> {
 
 fn as_boxes(v: &[f32]) -> Vec<[f32; 4]> {
     v.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
-}
-
-/// `clip_boxes_to_image`: clamp (NaN stays NaN, as ATen's clamp).
-fn clip_box(b: [f32; 4], [h, w]: [i64; 2]) -> [f32; 4] {
-    // ATen's scalar clamp: std::min(std::max(v, lo), hi), which keeps -0.0 and NaN.
-    let clamp = |v: f32, hi: i64| {
-        let v = if v < 0.0 { 0.0 } else { v };
-        let hi = hi as f32;
-        if hi < v {
-            hi
-        } else {
-            v
-        }
-    };
-    [clamp(b[0], w), clamp(b[1], h), clamp(b[2], w), clamp(b[3], h)]
-}
-
-/// `remove_small_boxes` test for one box.
-fn big_enough(b: &[f32; 4], min_size: f32) -> bool {
-    b[2] - b[0] >= min_size && b[3] - b[1] >= min_size
 }
 
 /// `RegionProposalNetwork.forward` (eval): proposals per image, resized frame.
@@ -281,7 +269,7 @@ fn rpn(
     // BoxCoder.decode: the anchors of every image, concatenated.
     let anchors = Tensor::f_from_slice(&anchors).and_then(|t| t.f_view([total, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
     let anchors = Tensor::f_cat(&vec![&anchors; n as usize], 0).step(step)?;
-    let proposals = decode_single(&deltas, &anchors, [1.0; 4]).and_then(|t| t.f_view([n, -1, 4])).step(step)?;
+    let proposals = decode_single(det, backend, &deltas, &anchors, [1.0; 4], step)?.f_view([n, -1, 4]).step(step)?;
 
     // filter_proposals.
     let objectness = objectness.f_reshape([n, -1]).step(step)?;
@@ -297,9 +285,14 @@ fn rpn(
     let top_idx = Tensor::f_cat(&top_idx, 1).step(step)?;
     let probs = objectness.f_gather(1, &top_idx, false).and_then(|t| t.f_sigmoid()).step(step)?;
     let k = top_idx.size()[1] as usize;
+    // proposals[batch_idx, top_n_idx]: [n, k, 4].
+    let candidates = top_idx
+        .f_unsqueeze(-1)
+        .and_then(|i| i.f_expand([n, k as i64, 4], false))
+        .and_then(|i| proposals.f_gather(1, &i, false))
+        .step(step)?;
     let probs = to_vec_f32(&probs, step)?;
     let top_idx = to_vec_i64(&top_idx, step)?;
-    let all_boxes = as_boxes(&to_vec_f32(&proposals, step)?);
     let level_of = |i: i64| {
         let mut acc = 0;
         per_level.iter().position(|&c| {
@@ -315,12 +308,13 @@ fn rpn(
         let mut boxes = Vec::new();
         let mut scores = Vec::new();
         let mut levels = Vec::new();
-        for j in 0..k {
+        let image_candidates = candidates.f_select(0, img as i64).step(step)?;
+        let (clipped, big) = clip_and_measure(det, backend, &image_candidates, *size, RPN_MIN_BOX_SIZE, step)?;
+        for (j, (b, big)) in clipped.into_iter().zip(big).enumerate() {
             let i = top_idx[img * k + j];
-            let b = clip_box(all_boxes[img * total as usize + i as usize], *size);
             let s = probs[img * k + j];
             // remove_small_boxes, then scores >= score_thresh.
-            if big_enough(&b, RPN_MIN_BOX_SIZE) && s >= p.rpn_score_thresh {
+            if big && s >= p.rpn_score_thresh {
                 boxes.push(b);
                 scores.push(s);
                 levels.push(level_of(i).unwrap_or(0) as i64);
@@ -338,6 +332,7 @@ fn rpn(
 /// detector's device, rows in image order.
 fn multi_scale_roi_align(
     det: &TorchDetector,
+    backend: &mut TchBackend,
     names: &[String],
     maps: &[Tensor],
     proposals: &[Vec<[f32; 4]>],
@@ -360,7 +355,7 @@ fn multi_scale_roi_align(
         proposals.iter().enumerate().flat_map(|(i, boxes)| boxes.iter().map(move |b| [i as f32, b[0], b[1], b[2], b[3]])).collect();
     let r = rois.len();
     let c = levels[0].size()[1];
-    let target = if levels.len() == 1 { vec![0; r] } else { map_levels(det, proposals, setup)? };
+    let target = if levels.len() == 1 { vec![0; r] } else { map_levels(det, backend, proposals, setup)? };
 
     let (ph, pw) = (ROI_OUTPUT_SIZE as usize, ROI_OUTPUT_SIZE as usize);
     let per_roi = c as usize * ph * pw;
@@ -416,27 +411,21 @@ fn setup_scales(levels: &[&Tensor], sizes: &Sizes) -> Result<RoiLevels, RuntimeE
 }
 
 /// `LevelMapper.__call__` on all images' proposals: level index (0-based) per RoI.
-fn map_levels(det: &TorchDetector, proposals: &[Vec<[f32; 4]>], setup: &RoiLevels) -> Result<Vec<i64>, RuntimeError> {
+fn map_levels(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    proposals: &[Vec<[f32; 4]>],
+    setup: &RoiLevels,
+) -> Result<Vec<i64>, RuntimeError> {
     let step = "LevelMapper";
     let flat: Vec<f32> = proposals.iter().flatten().flatten().copied().collect();
     if flat.is_empty() {
         return Ok(Vec::new());
     }
-    let boxes = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([-1, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
-    let col = |i: i64| boxes.f_select(1, i);
-    let eps = Tensor::f_from_slice(&[LEVEL_MAPPER_EPS])
-        .and_then(|t| t.f_to_device(det.device))
-        .and_then(|t| t.f_reshape(&[] as &[i64]))
-        .step(step)?;
-    let levels = (|| -> Result<Tensor, tch::TchError> {
-        let area = col(2)?.f_sub(&col(0)?)?.f_mul(&col(3)?.f_sub(&col(1)?)?)?;
-        let s = area.f_sqrt()?;
-        // floor(lvl0 + log2(s / s0) + eps), clamped, minus k_min.
-        let l =
-            s.f_div_scalar(LEVEL_MAPPER_CANONICAL_SCALE)?.f_log2()?.f_add_scalar(LEVEL_MAPPER_CANONICAL_LEVEL)?.f_add(&eps)?.f_floor()?;
-        l.f_clamp(setup.k_min, setup.k_max)?.f_to_kind(Kind::Int64)?.f_sub_scalar(setup.k_min)
-    })()
-    .step(step)?;
+    let rois = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([-1, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
+    let (k_min, k_max) = (setup.k_min as f64, setup.k_max as f64);
+    let Shared(levels) = level_mapper::target_levels(backend, &Shared(rois), &k_min, &k_max);
+    let levels = backend_result(det, backend, levels)?.f_to_kind(Kind::Int64).step(step)?;
     to_vec_i64(&levels, step)
 }
 
@@ -466,19 +455,19 @@ fn roi_heads(
     let rois = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([r as i64, 4])).and_then(|t| t.f_to_device(det.device)).step(step)?;
     let w = ROI_BOX_CODER_WEIGHTS.map(python_float);
     let rel_codes = box_regression.f_reshape([r as i64, -1]).step(step)?;
-    let pred_boxes = decode_single(&rel_codes, &rois, w).step(step)?;
-    let pred_boxes = as_boxes(&to_vec_f32(&pred_boxes, step)?);
+    let pred_boxes = decode_single(det, backend, &rel_codes, &rois, w, step)?;
     let pred_scores = to_vec_f32(&class_logits.f_softmax(-1, None::<Kind>).step(step)?, step)?;
-    if pred_boxes.len() != r * num_classes || pred_scores.len() != r * num_classes {
+    if pred_boxes.numel() != r * num_classes * 4 || pred_scores.len() != r * num_classes {
         return Err(RuntimeError::Torch {
             step: step.into(),
             source: tch::TchError::Kind(format!(
-                "predictor gave {} boxes and {} scores for {r} RoIs of {num_classes} classes",
-                pred_boxes.len(),
+                "predictor gave {} box coordinates and {} scores for {r} RoIs of {num_classes} classes",
+                pred_boxes.numel(),
                 pred_scores.len()
             )),
         });
     }
+    let pred_boxes = pred_boxes.f_view([r as i64, num_classes as i64, 4]).step(step)?;
 
     let on_cuda = det.device.is_cuda();
     let nms_thresh = python_float(p.box_nms_thresh);
@@ -488,12 +477,14 @@ fn roi_heads(
         let mut boxes = Vec::new();
         let mut scores = Vec::new();
         let mut labels = Vec::new();
+        let image_boxes = pred_boxes.f_narrow(0, start as i64, props.len() as i64).step(step)?;
+        let (clipped, big) = clip_and_measure(det, backend, &image_boxes, *size, DETECTION_MIN_BOX_SIZE, step)?;
         // Every (proposal, foreground class) pair, row-major, as boxes[:, 1:].reshape(-1, 4).
-        for row in start..start + props.len() {
+        for row in 0..props.len() {
             for class in 1..num_classes {
-                let b = clip_box(pred_boxes[row * num_classes + class], *size);
-                let s = pred_scores[row * num_classes + class];
-                if s > p.box_score_thresh && big_enough(&b, DETECTION_MIN_BOX_SIZE) {
+                let (b, big) = (clipped[row * num_classes + class], big[row * num_classes + class]);
+                let s = pred_scores[(start + row) * num_classes + class];
+                if s > p.box_score_thresh && big {
                     boxes.push(b);
                     scores.push(s);
                     labels.push(class as i64);
@@ -512,33 +503,21 @@ fn roi_heads(
     Ok(out)
 }
 
-/// `transform.postprocess` / `resize_boxes`: x · (original / resized) in float32.
-fn rescale(mut d: Detections, resized: [i64; 2], original: [i64; 2]) -> Detections {
-    let ratio_h = original[0] as f32 / resized[0] as f32;
-    let ratio_w = original[1] as f32 / resized[1] as f32;
-    for b in &mut d.boxes {
-        *b = [b[0] * ratio_w, b[1] * ratio_h, b[2] * ratio_w, b[3] * ratio_h];
-    }
-    d
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resize_matches_eager_where_float32_differs() {
-        // Sizes F.interpolate gives in eager PyTorch; float32 arithmetic gives 800 and 799.
-        assert_eq!(resized_size(161, 200, 800, 1333), [799, 993]);
-        assert_eq!(resized_size(171, 200, 800, 1333), [800, 935]);
-        assert_eq!(resized_size(200, 320, 800, 1333), [800, 1280]);
-        assert_eq!(resized_size(480, 640, 320, 640), [320, 426]);
-    }
-
-    #[test]
-    fn clip_and_small_boxes() {
-        assert_eq!(clip_box([-1.0, 2.0, 50.0, 70.0], [60, 40]), [0.0, 2.0, 40.0, 60.0]);
-        assert!(!big_enough(&[1.0, 1.0, 1.0005, 3.0], 1e-3));
-        assert!(big_enough(&[1.0, 1.0, 1.5, 3.0], 1e-3));
-    }
+/// `transform.postprocess`: the boxes back to the original image ([`boxes::resize_to_original`]).
+fn rescale(
+    det: &TorchDetector,
+    backend: &mut TchBackend,
+    mut d: Detections,
+    resized: [i64; 2],
+    original: [i64; 2],
+) -> Result<Detections, RuntimeError> {
+    let step = "postprocess";
+    let flat: Vec<f32> = d.boxes.iter().flatten().copied().collect();
+    let detected = Tensor::f_from_slice(&flat).and_then(|t| t.f_view([-1, 4])).step(step)?;
+    let coords = backend.coords(&Shared(detected));
+    let coords = boxes::resize_to_original(backend, &coords, &image_size(resized), &image_size(original));
+    let Shared(rescaled) = backend.stack_coords(&coords);
+    let rescaled = backend_result(det, backend, rescaled)?;
+    d.boxes = as_boxes(&to_vec_f32(&rescaled, step)?);
+    Ok(d)
 }
