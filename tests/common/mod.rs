@@ -2,6 +2,8 @@
 //! torchvision runs, eager golden outputs, pycocotools metrics) and running the binary.
 #![allow(dead_code)]
 
+pub mod runtimes;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -305,3 +305,93 @@ impl DetectionOps for TchBackend<'_> {
         self.keep(a.0.f_logical_and(&b.0), "logical and")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The detection formulas on libtorch against torchvision itself, bit for bit, on the
+    //! inputs of `tests/detection_formulas.py` (the ONNX side is tests/detection_formulas.rs).
+
+    use super::*;
+    use mkonnx::model::detection::{box_coder, boxes, level_mapper, ImageSize};
+    use serde_json::Value;
+    use std::path::Path;
+
+    fn torchvision_cases() -> Value {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let python =
+            root.ancestors().map(|d| d.join(".venv/bin/python")).find(|p| p.exists()).expect(".venv/bin/python (run `make setup`)");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cases.json");
+        let o = std::process::Command::new(python).arg(root.join("tests/detection_formulas.py")).arg(&out).output().unwrap();
+        assert!(o.status.success(), "tests/detection_formulas.py: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    }
+
+    fn tensor(v: &Value, shape: &[i64]) -> Shared {
+        let values: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        Shared(Tensor::from_slice(&values).view(shape))
+    }
+
+    fn assert_same_bits(what: &str, got: &Shared, expected: &Shared) {
+        let got: Vec<f32> = Vec::try_from(got.0.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap();
+        let expected: Vec<f32> = Vec::try_from(expected.0.flatten(0, -1)).unwrap();
+        assert_eq!(got.len(), expected.len(), "{what}: size");
+        let bad = got.iter().zip(&expected).position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(i) = bad {
+            panic!("{what}: value {i} is {} on libtorch, {} in torchvision", got[i], expected[i]);
+        }
+    }
+
+    #[test]
+    fn detection_formulas_equal_torchvision_bit_for_bit() {
+        let cases = torchvision_cases();
+        let store = WeightStore { tensors: HashMap::new(), frozen: HashMap::new() };
+        let mut b = TchBackend::new(&store);
+        let rows = |v: &Value| v.as_array().unwrap().len() as i64 / 4;
+
+        for case in cases["decode"].as_array().unwrap() {
+            let (r, k) = (case["rois"].as_i64().unwrap(), case["k"].as_i64().unwrap());
+            let w: Vec<f64> = case["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+            let decoded = box_coder::decode(
+                &mut b,
+                &tensor(&case["deltas"], &[r, k, 4]),
+                &tensor(&case["boxes"], &[r, 1, 4]),
+                [w[0], w[1], w[2], w[3]],
+            );
+            assert_same_bits("BoxCoder.decode_single", &decoded, &tensor(&case["out"], &[r, k, 4]));
+        }
+
+        let clip = &cases["clip"];
+        let size = ImageSize { height: clip["size"][0].as_f64().unwrap(), width: clip["size"][1].as_f64().unwrap() };
+        let n = rows(&clip["boxes"]);
+        let coords = boxes::clip_to_image(&mut b, &tensor(&clip["boxes"], &[n, 4]), &size);
+        let clipped = b.stack_coords(&coords);
+        assert_same_bits("clip_boxes_to_image", &clipped, &tensor(&clip["out"], &[n, 4]));
+
+        for case in cases["small_boxes"].as_array().unwrap() {
+            let n = rows(&case["boxes"]);
+            let coords = b.coords(&tensor(&case["boxes"], &[n, 4]));
+            let keep = boxes::big_enough(&mut b, &coords, case["min_size"].as_f64().unwrap());
+            let expected: Vec<f32> =
+                case["keep"].as_array().unwrap().iter().map(|k| if k.as_bool().unwrap() { 1.0 } else { 0.0 }).collect();
+            assert_same_bits("remove_small_boxes", &keep, &Shared(Tensor::from_slice(&expected)));
+        }
+
+        let resize = &cases["resize_boxes"];
+        let n = rows(&resize["boxes"]);
+        let side = |v: &Value, i: usize| v[i].as_f64().unwrap();
+        let resized = ImageSize { height: side(&resize["resized"], 0), width: side(&resize["resized"], 1) };
+        let original = ImageSize { height: side(&resize["original"], 0), width: side(&resize["original"], 1) };
+        let coords = b.coords(&tensor(&resize["boxes"], &[n, 4]));
+        let coords = boxes::resize_to_original(&mut b, &coords, &resized, &original);
+        let rescaled = b.stack_coords(&coords);
+        assert_same_bits("resize_boxes", &rescaled, &tensor(&resize["out"], &[n, 4]));
+
+        let levels = &cases["level_mapper"];
+        let n = rows(&levels["boxes"]);
+        let (k_min, k_max) = (levels["k_min"].as_f64().unwrap(), levels["k_max"].as_f64().unwrap());
+        let target = level_mapper::target_levels(&mut b, &tensor(&levels["boxes"], &[n, 4]), &k_min, &k_max);
+        assert_same_bits("LevelMapper", &target, &tensor(&levels["out"], &[n]));
+        assert!(b.take_error().is_none());
+    }
+}

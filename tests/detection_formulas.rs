@@ -1,0 +1,203 @@
+//! Each detection formula of `src/model/detection/` as the ONNX writer emits it, run in ONNX
+//! Runtime, against torchvision's own function on the inputs `tests/detection_formulas.py`
+//! makes (edge cases included): `BoxCoder.decode_single`, `clip_boxes_to_image`,
+//! `remove_small_boxes`, `resize_boxes` and `LevelMapper`. The libtorch runner's version of the
+//! same formulas is checked bit for bit in torch/src/backend.rs.
+//!
+//! Exact formulas (clamps, comparisons, products with a float32 ratio, the level index) must
+//! give torchvision's bits. Decoding goes through `exp`, whose ONNX Runtime kernel may differ
+//! from ATen's by an ulp, and the corner is a difference `centre - half size` that can cancel,
+//! so each decoded coordinate is held to 8 float32 ulps of the larger of its two terms.
+
+mod common;
+use common::runtimes::{Job, Tensor};
+use common::*;
+use mkonnx::model::detection::{box_coder, boxes, level_mapper, DetectionOps, ImageSize};
+use mkonnx::model::weights::Weights;
+use mkonnx::onnx::builder::{Dim, GraphBuilder, Value as GraphValue};
+use mkonnx::onnx::export::OnnxBackend;
+use mkonnx::onnx::proto::DataType;
+use serde_json::Value;
+
+/// torchvision's results (tests/detection_formulas.py).
+fn torchvision_cases() -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cases.json");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detection_formulas.py");
+    let o = std::process::Command::new(python()).arg(&script).arg(&out).output().expect("run python");
+    assert!(o.status.success(), "tests/detection_formulas.py failed: {}", text(&o));
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// One formula as an ONNX model: float32 inputs of the given shapes (empty = scalar), one
+/// float32 output.
+fn formula_model(
+    job: &mut Job,
+    name: &str,
+    inputs: &[(&str, &[usize])],
+    build: impl FnOnce(&mut OnnxBackend, &[GraphValue]) -> GraphValue,
+) -> usize {
+    let mut g = GraphBuilder::new();
+    let values: Vec<GraphValue> = inputs
+        .iter()
+        .map(|(n, shape)| {
+            let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Fixed(d as i64)).collect();
+            g.input(n, DataType::Float, &dims)
+        })
+        .collect();
+    let weights = Weights::new(Vec::new());
+    let out = {
+        let mut b = OnnxBackend::new(&mut g, &weights);
+        build(&mut b, &values)
+    };
+    g.output(&out, "out", DataType::Float, &[]);
+    let path = job.dir.path().join(format!("{name}.onnx"));
+    std::fs::write(&path, mkonnx::onnx::encode(&g.finish(name, "", Vec::new()))).unwrap();
+    job.add_model(&path, "onnxruntime", &["out"])
+}
+
+/// No difference allowed (the same bits).
+fn exact(values: &[f32]) -> Vec<f32> {
+    vec![0.0; values.len()]
+}
+
+/// Per decoded coordinate, 8 float32 ulps of the larger of its terms, the centre and the
+/// half size (computed here in float64 from the inputs).
+fn decode_tolerance(deltas: &[f32], boxes: &[f32], k: usize, weights: [f64; 4]) -> Vec<f32> {
+    let clip = mkonnx::model::arch::BBOX_XFORM_CLIP;
+    let mut tolerance = Vec::with_capacity(deltas.len());
+    for (r, b) in boxes.chunks_exact(4).enumerate() {
+        let [x1, y1, x2, y2] = [b[0], b[1], b[2], b[3]].map(f64::from);
+        let (w, h) = (x2 - x1, y2 - y1);
+        for d in deltas[r * 4 * k..(r + 1) * 4 * k].chunks_exact(4) {
+            let d: Vec<f64> = d.iter().zip(weights).map(|(&v, w)| f64::from(v) / w).collect();
+            let centre_x = x1 + 0.5 * w + d[0] * w;
+            let centre_y = y1 + 0.5 * h + d[1] * h;
+            let half_w = 0.5 * d[2].min(clip).exp() * w;
+            let half_h = 0.5 * d[3].min(clip).exp() * h;
+            let x = 8.0 * f64::from(f32::EPSILON) * centre_x.abs().max(half_w.abs());
+            let y = 8.0 * f64::from(f32::EPSILON) * centre_y.abs().max(half_h.abs());
+            tolerance.extend([x as f32, y as f32, x as f32, y as f32]);
+        }
+    }
+    tolerance
+}
+
+#[test]
+fn every_formula_in_onnx_runtime_equals_torchvision() {
+    let cases = torchvision_cases();
+    let mut job = Job::new();
+    // (what, model, torchvision's values, per-value tolerance; 0 = the same bits)
+    let mut checks: Vec<(String, usize, Vec<f32>, Vec<f32>)> = Vec::new();
+
+    for (i, case) in cases["decode"].as_array().unwrap().iter().enumerate() {
+        let (r, k) = (case["rois"].as_u64().unwrap() as usize, case["k"].as_u64().unwrap() as usize);
+        let weights: Vec<f64> = case["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+        let weights = [weights[0], weights[1], weights[2], weights[3]];
+        let m = formula_model(&mut job, &format!("decode{i}"), &[("deltas", &[r, k, 4]), ("boxes", &[r, 1, 4])], |b, v| {
+            box_coder::decode(b, &v[0], &v[1], weights)
+        });
+        job.add_run(
+            m,
+            &[("deltas", &[r, k, 4], Tensor::F32(f32s(&case["deltas"]))), ("boxes", &[r, 1, 4], Tensor::F32(f32s(&case["boxes"])))],
+        );
+        let tolerance = decode_tolerance(&f32s(&case["deltas"]), &f32s(&case["boxes"]), k, weights);
+        checks.push((format!("BoxCoder{weights:?}.decode_single"), m, f32s(&case["out"]), tolerance));
+    }
+
+    let clip = &cases["clip"];
+    let n = f32s(&clip["boxes"]).len() / 4;
+    let m = formula_model(&mut job, "clip", &[("boxes", &[n, 4]), ("height", &[]), ("width", &[])], |b, v| {
+        let size = ImageSize { height: v[1].clone(), width: v[2].clone() };
+        let coords = boxes::clip_to_image(b, &v[0], &size);
+        b.stack_coords(&coords)
+    });
+    let size = f32s(&clip["size"]);
+    job.add_run(
+        m,
+        &[
+            ("boxes", &[n, 4], Tensor::F32(f32s(&clip["boxes"]))),
+            ("height", &[], Tensor::F32(vec![size[0]])),
+            ("width", &[], Tensor::F32(vec![size[1]])),
+        ],
+    );
+    let out = f32s(&clip["out"]);
+    checks.push(("clip_boxes_to_image".into(), m, out.clone(), exact(&out)));
+
+    for (i, case) in cases["small_boxes"].as_array().unwrap().iter().enumerate() {
+        let n = f32s(&case["boxes"]).len() / 4;
+        let min_size = case["min_size"].as_f64().unwrap();
+        let m = formula_model(&mut job, &format!("small{i}"), &[("boxes", &[n, 4])], |b, v| {
+            let coords = b.coords(&v[0]);
+            let keep = boxes::big_enough(b, &coords, min_size);
+            b.g.cast(&keep, DataType::Float)
+        });
+        job.add_run(m, &[("boxes", &[n, 4], Tensor::F32(f32s(&case["boxes"])))]);
+        let keep: Vec<f32> = case["keep"].as_array().unwrap().iter().map(|k| if k.as_bool().unwrap() { 1.0 } else { 0.0 }).collect();
+        let tolerance = exact(&keep);
+        checks.push((format!("remove_small_boxes(min_size={min_size})"), m, keep, tolerance));
+    }
+
+    let resize = &cases["resize_boxes"];
+    let n = f32s(&resize["boxes"]).len() / 4;
+    let box_shape = [n, 4];
+    let sizes: Vec<(&str, &[usize])> = vec![("boxes", &box_shape), ("rh", &[]), ("rw", &[]), ("oh", &[]), ("ow", &[])];
+    let m = formula_model(&mut job, "resize", &sizes, |b, v| {
+        let coords = b.coords(&v[0]);
+        let resized = ImageSize { height: v[1].clone(), width: v[2].clone() };
+        let original = ImageSize { height: v[3].clone(), width: v[4].clone() };
+        let coords = boxes::resize_to_original(b, &coords, &resized, &original);
+        b.stack_coords(&coords)
+    });
+    let (rs, os) = (f32s(&resize["resized"]), f32s(&resize["original"]));
+    job.add_run(
+        m,
+        &[
+            ("boxes", &[n, 4], Tensor::F32(f32s(&resize["boxes"]))),
+            ("rh", &[], Tensor::F32(vec![rs[0]])),
+            ("rw", &[], Tensor::F32(vec![rs[1]])),
+            ("oh", &[], Tensor::F32(vec![os[0]])),
+            ("ow", &[], Tensor::F32(vec![os[1]])),
+        ],
+    );
+    let out = f32s(&resize["out"]);
+    checks.push(("resize_boxes".into(), m, out.clone(), exact(&out)));
+
+    let levels = &cases["level_mapper"];
+    let n = f32s(&levels["boxes"]).len() / 4;
+    let m = formula_model(&mut job, "levels", &[("boxes", &[n, 4]), ("k_min", &[]), ("k_max", &[])], |b, v| {
+        level_mapper::target_levels(b, &v[0], &v[1], &v[2])
+    });
+    let (k_min, k_max) = (levels["k_min"].as_f64().unwrap() as f32, levels["k_max"].as_f64().unwrap() as f32);
+    job.add_run(
+        m,
+        &[
+            ("boxes", &[n, 4], Tensor::F32(f32s(&levels["boxes"]))),
+            ("k_min", &[], Tensor::F32(vec![k_min])),
+            ("k_max", &[], Tensor::F32(vec![k_max])),
+        ],
+    );
+    let out = f32s(&levels["out"]);
+    checks.push(("LevelMapper".into(), m, out.clone(), exact(&out)));
+
+    let results = job.run();
+    for (what, m, expected, tolerance) in checks {
+        let got = results[m][0]["out"].f32s();
+        assert_eq!(got.len(), expected.len(), "{what}: output size");
+        let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{what}: {} values, {differing} not bit-identical, largest difference {worst:e}", got.len());
+        let bad = (0..got.len()).find(|&i| {
+            let (a, b) = (got[i], expected[i]);
+            let within = (a - b).abs() <= tolerance[i]; // false for NaN
+            a.to_bits() != b.to_bits() && !within
+        });
+        if let Some(i) = bad {
+            panic!("{what}: value {i} is {} in ONNX Runtime, {} in torchvision (allowed difference {})", got[i], expected[i], tolerance[i]);
+        }
+    }
+}
