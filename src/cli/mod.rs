@@ -184,7 +184,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
 
     if mode == Mode::Graph {
         let status = engine.status(&graph, &force)?;
-        out_raw!("{}", graph.to_dot(Some(&status)));
+        out_raw!("{}", graph.to_dot(&|h| status.dot_fill(h)));
         return Ok(ExitCode::SUCCESS);
     }
     if mode == Mode::Status || a.dry_run {

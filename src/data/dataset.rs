@@ -14,7 +14,14 @@ pub const ID_RANGE: Range = Range::integer(0, (1 << 53) - 1);
 pub const LABEL_RANGE: Range = Range::integer(1, u32::MAX as u64);
 /// Allowed declared `width`/`height`: positive, and no side can be longer than the decoders'
 /// pixel limit.
-pub const SIDE_RANGE: Range = Range::integer(1, crate::runtime::MAX_IMAGE_PIXELS);
+pub const SIDE_RANGE: Range = Range::integer(1, MAX_IMAGE_PIXELS);
+
+/// The most pixels an image may have (checked by `runtime::RgbImage` when it decodes one):
+/// PIL's default `Image.MAX_IMAGE_PIXELS`, its guard
+/// against decompression bombs (a 420 KB PNG of 12000x12000 made mkonnx take 8.7 GB). PIL
+/// only warns between this and twice this; mkonnx refuses, since such an image costs
+/// gigabytes here and torchvision resizes it far below its size anyway.
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
 
 /// Errors reading a dataset; each names the file and, for a bad line, the line number.
 #[derive(Debug, thiserror::Error)]

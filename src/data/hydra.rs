@@ -67,8 +67,10 @@ pub enum ConfigError {
 pub struct TrainingConfig {
     /// The config file.
     pub path: PathBuf,
-    /// The architecture as written, with the dotted key it came from (`model.name`, ...).
-    pub architecture: Option<(String, String)>,
+    /// Every architecture-like key of the model section (`name`, `arch`, ...) with its value
+    /// as written, in the order of the keys mkonnx looks for. Which one names the
+    /// architecture is `model::resolve`'s decision (the data layer knows no architectures).
+    pub architecture_keys: Vec<(String, String)>,
     /// torchvision keyword overrides found next to it: (dotted key, value).
     pub model_kwargs: Vec<(String, Value)>,
     /// Class names, with the key they came from.
@@ -111,9 +113,7 @@ impl TrainingConfig {
         for key in ARCH_KEYS {
             if let Some(v) = section.get(key) {
                 let s = v.as_str().ok_or_else(|| bad(path, &dotted(key), "a string", v))?;
-                if crate::model::Architecture::from_name(s).is_some() || cfg.architecture.is_none() {
-                    cfg.architecture = Some((dotted(key), s.to_string()));
-                }
+                cfg.architecture_keys.push((dotted(key), s.to_string()));
             }
         }
         if let Value::Mapping(m) = section {
@@ -324,12 +324,12 @@ mod tests {
 
     #[test]
     fn reads_each_naming_style() {
-        assert_eq!(parse("model:\n  name: fasterrcnn_resnet50_fpn\n").architecture.unwrap().1, "fasterrcnn_resnet50_fpn");
+        assert_eq!(parse("model:\n  name: fasterrcnn_resnet50_fpn\n").architecture_keys[0].1, "fasterrcnn_resnet50_fpn");
         let c = parse("model:\n  _target_: torchvision.models.detection.fasterrcnn_resnet50_fpn_v2\n  num_classes: 4\n");
-        assert_eq!(c.architecture.as_ref().unwrap().0, "model._target_");
+        assert_eq!(c.architecture_keys[0].0, "model._target_");
         assert_eq!(c.kwarg("num_classes").unwrap().1.as_u64(), Some(4));
         let c = parse("arch: fasterrcnn_mobilenet_v3_large_fpn\nclass_names: [a, b]\n");
-        assert_eq!(c.architecture.as_ref().unwrap().0, "arch");
+        assert_eq!(c.architecture_keys[0].0, "arch");
         assert_eq!(c.class_names.unwrap().1, vec!["a", "b"]);
     }
 
@@ -366,7 +366,7 @@ mod tests {
         let e = TrainingConfig::parse("[1, 2]\n", Path::new("c.yaml")).unwrap_err().to_string();
         assert!(e.contains("c.yaml") && e.contains("a mapping"), "{e}");
         // Leaving keys out is fine: they are inferred from the weights.
-        assert_eq!(parse("seed: 1\n").architecture, None);
+        assert!(parse("seed: 1\n").architecture_keys.is_empty());
     }
 
     #[test]

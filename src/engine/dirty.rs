@@ -187,6 +187,16 @@ impl StatusReport {
     pub fn get(&self, h: NodeHandle) -> &NodeStatusReport {
         &self.nodes[h.0]
     }
+
+    /// The Graphviz fill colour of node `h` in `mkonnx graph`: green fresh, yellow
+    /// restorable, salmon stale.
+    pub fn dot_fill(&self, h: NodeHandle) -> &'static str {
+        match self.get(h).status {
+            NodeStatus::Fresh => "palegreen",
+            NodeStatus::Restore(_) => "lightyellow",
+            NodeStatus::Stale(_) => "lightsalmon",
+        }
+    }
 }
 
 impl fmt::Display for StatusReport {

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 
+use super::file_stat::FileStat;
 use super::graph::{Graph, Node, NodeHandle, PlannedCopy};
 use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
 use super::stage::{HashedFile, StageContext};
-use super::stat_cache::{Clock, FileHasher, FileStat, SystemClock, RACY_MARGIN_NS};
+use super::stat_cache::{Clock, FileHasher, SystemClock, RACY_MARGIN_NS};
 use super::store::{InputRecord, MatRecord, NodeRecord, Store, StoredResult};
 use super::EngineError;
 

@@ -10,7 +10,6 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use serde_json::Value;
 
-use super::dirty::{NodeStatus, StatusReport};
 use super::hash::{canonical_json, Hash, KeyHasher, NODE_ID_DOMAIN};
 use super::stage::{validate_artifact_name, Stage};
 use super::EngineError;
@@ -418,9 +417,10 @@ impl Graph {
         self.dag.edges_directed(NodeIndex::new(h.0), Direction::Outgoing).map(|e| NodeHandle(e.target().index()))
     }
 
-    /// Graphviz source of the DAG: nodes (coloured by `status` when given), file inputs,
-    /// and edges labelled with input names.
-    pub fn to_dot(&self, status: Option<&StatusReport>) -> String {
+    /// Graphviz source of the DAG: nodes (filled with `fill(node)`, a Graphviz colour name;
+    /// `StatusReport::dot_fill` colours by freshness), file inputs, and edges labelled with
+    /// input names.
+    pub fn to_dot(&self, fill: &dyn Fn(NodeHandle) -> &'static str) -> String {
         let mut out = String::from("digraph mkonnx {\n  rankdir=LR;\n  node [shape=box, style=filled, fillcolor=white];\n");
         let mut file_ids: BTreeMap<&Path, usize> = BTreeMap::new();
         for h in self.handles() {
@@ -430,12 +430,7 @@ impl Graph {
                 label.push('\n');
                 label.push_str(l);
             }
-            let colour = match status.map(|s| &s.get(h).status) {
-                Some(NodeStatus::Fresh) => "palegreen",
-                Some(NodeStatus::Restore(_)) => "lightyellow",
-                Some(NodeStatus::Stale(_)) => "lightsalmon",
-                None => "white",
-            };
+            let colour = fill(h);
             let _ = writeln!(out, "  n{} [label=\"{}\", fillcolor={colour}];", h.0, escape(&label));
             for (input, path) in &n.files {
                 let next = file_ids.len();

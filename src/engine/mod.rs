@@ -82,6 +82,7 @@
 
 mod dirty;
 mod exec;
+mod file_stat;
 mod gc;
 mod graph;
 mod hash;
@@ -96,11 +97,12 @@ use std::path::PathBuf;
 
 pub use dirty::{NodeStatus, NodeStatusReport, StaleReason, StatusReport};
 pub use exec::{BuildEvent, BuildOptions, BuildReport, Engine, Force, NodeReport, Outcome, RunSummary};
+pub use file_stat::FileStat;
 pub use gc::{GcOptions, GcReport};
 pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
 pub use stage::{Stage, StageContext};
-pub use stat_cache::{Clock, FileStat, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
+pub use stat_cache::{Clock, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
 pub use store::{Store, VerifyReport};
 
 /// What can go wrong in the engine itself (as opposed to inside a stage, whose errors

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::file_stat::FileStat;
 use super::hash::Hash;
-use super::stat_cache::FileStat;
 use super::store::Store;
 use super::EngineError;
 

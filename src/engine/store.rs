@@ -12,8 +12,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::file_stat::{FileStat, StatRecord};
 use super::hash::{hash_file, Hash, InputKind};
-use super::stat_cache::{FileStat, StatRecord};
 use super::EngineError;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.

@@ -1053,7 +1053,7 @@ fn dot_shows_nodes_files_edges_and_status() {
     build(&engine, &dag.graph);
     env.write("y.txt", "y2\n");
     let status = engine.status(&dag.graph, &Force::Nothing).unwrap();
-    let dot = dag.graph.to_dot(Some(&status));
+    let dot = dag.graph.to_dot(&|h| status.dot_fill(h));
     assert!(dot.starts_with("digraph mkonnx {"), "{dot}");
     assert!(dot.contains("n0 [label=\"a\\nrun\", fillcolor=palegreen];"), "{dot}");
     assert!(dot.contains("n1 [label=\"b\\nrun\", fillcolor=lightsalmon];"), "{dot}");

@@ -80,7 +80,7 @@ pub fn resolve(config: &TrainingConfig, weights: &Weights, checkpoint: &Path) ->
         })?
         .shape[0];
 
-    let (arch, arch_source) = match &config.architecture {
+    let (arch, arch_source) = match config_architecture(config) {
         Some((key, value)) => {
             let arch = Architecture::from_name(value).ok_or_else(|| ResolveError::UnknownArchitecture {
                 config: config.path.clone(),
@@ -196,6 +196,14 @@ impl Family {
             Family::MobileNetV3 => "a MobileNetV3-Large FPN FasterRCNN (fasterrcnn_mobilenet_v3_large_fpn or _320_fpn)",
         }
     }
+}
+
+/// Which of the config's architecture keys names the architecture: the last one whose value
+/// is a torchvision constructor (a `_target_` path and a plain `name` may both be there), else
+/// the first (whose unknown value is then reported).
+fn config_architecture(config: &TrainingConfig) -> Option<&(String, String)> {
+    let keys = &config.architecture_keys;
+    keys.iter().rev().find(|(_, value)| Architecture::from_name(value).is_some()).or(keys.first())
 }
 
 fn family_of(arch: Architecture) -> Family {

@@ -78,7 +78,18 @@ impl Weights {
     }
 }
 
+/// A checkpoint's weights with the wrapper key and stripped prefix its state dict was found
+/// under (`load_state_dict`'s findings).
+pub type LoadedWeights = (Weights, Option<String>, Option<String>);
+
 impl Weights {
+    /// Reads a `torch.save` checkpoint natively and converts its tensors to float32.
+    pub fn load_checkpoint(path: &std::path::Path) -> Result<LoadedWeights, crate::data::checkpoint::CheckpointError> {
+        let sd = crate::data::checkpoint::load_state_dict(path)?;
+        let (wrapper, prefix) = (sd.wrapper.clone(), sd.stripped_prefix.clone());
+        Ok((Weights::from_state_dict(sd), wrapper, prefix))
+    }
+
     /// Converts a checkpoint's state dict: floating tensors to float32; integer buffers
     /// (`num_batches_tracked`) are kept as float32 too, they are only looked at for presence.
     pub fn from_state_dict(sd: crate::data::checkpoint::StateDict) -> Self {

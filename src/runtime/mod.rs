@@ -7,11 +7,7 @@ pub mod pytorch;
 use std::io::{BufRead, Seek};
 use std::path::Path;
 
-/// The most pixels an image may have: PIL's default `Image.MAX_IMAGE_PIXELS`, its guard
-/// against decompression bombs (a 420 KB PNG of 12000x12000 made mkonnx take 8.7 GB). PIL
-/// only warns between this and twice this; mkonnx refuses, since such an image costs
-/// gigabytes here and torchvision resizes it far below its size anyway.
-pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+pub use crate::data::dataset::MAX_IMAGE_PIXELS;
 
 /// Errors from the runtimes.
 #[derive(Debug, thiserror::Error)]

@@ -1,14 +1,13 @@
 //! Conversion stages: resolve the detector, export ONNX, write the conversion summary.
 
-use crate::data::checkpoint::load_state_dict;
 use crate::data::hydra::TrainingConfig;
 use crate::data::run_dir::RunDir;
 use crate::engine::{Stage, StageContext};
 use crate::model::resolve::{resolve, Resolved};
+use crate::model::weights::LoadedWeights;
 use crate::model::{Architecture, Detector, DetectorParams, Weights};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// What `resolve_model` records: the detector description and facts about the checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -38,24 +37,14 @@ impl ModelInfo {
     }
 }
 
-/// Reads a checkpoint and converts its tensors to float32 weights.
-pub fn load_weights(checkpoint: &Path) -> anyhow::Result<(Weights, Option<String>, Option<String>)> {
-    let sd = load_state_dict(checkpoint)?;
-    let (wrapper, prefix) = (sd.wrapper.clone(), sd.stripped_prefix.clone());
-    Ok((Weights::from_state_dict(sd), wrapper, prefix))
-}
-
 /// A run's PyTorch model as `mkonnx build` resolves it: the checkpoint read natively, the
 /// architecture and hyperparameters from its config and weights. For tools and tests that
 /// run a model outside a build (the build itself caches each step as a stage).
 pub fn load_run_detector(run: &RunDir) -> anyhow::Result<Detector> {
-    let (weights, _, _) = load_weights(&run.checkpoint)?;
+    let (weights, _, _) = Weights::load_checkpoint(&run.checkpoint)?;
     let Resolved { arch, params, .. } = resolve(&TrainingConfig::load(&run.config)?, &weights, &run.checkpoint)?;
     Ok(Detector { arch, params, weights })
 }
-
-/// A checkpoint's weights with the wrapper key and stripped prefix it was found under.
-type LoadedWeights = (Weights, Option<String>, Option<String>);
 
 /// The checkpoints read most recently in this process, by content hash: the stages of one
 /// run (resolve, export) read the same checkpoint, and [`Weights`] are shared, not copied.
@@ -72,7 +61,7 @@ pub fn checkpoint_weights(ctx: &StageContext<'_>) -> anyhow::Result<std::sync::A
     {
         return Ok(w.clone());
     }
-    let loaded = std::sync::Arc::new(load_weights(ctx.input_file("checkpoint")?)?);
+    let loaded = std::sync::Arc::new(Weights::load_checkpoint(ctx.input_file("checkpoint")?)?);
     let mut recent = RECENT_CHECKPOINTS.lock().map_err(|_| anyhow::anyhow!("checkpoint cache poisoned"))?;
     recent.insert(0, (hash, loaded.clone()));
     recent.truncate(RECENT_CHECKPOINTS_KEPT);

@@ -81,7 +81,7 @@ fn serve() -> anyhow::Result<()> {
 fn load(setup: &RunnerSetup) -> anyhow::Result<TorchDetector> {
     set_num_threads(setup.threads);
     let device = parse_device(setup.device.name())?;
-    let (weights, _, _) = mkonnx::stages::convert::load_weights(&setup.checkpoint)?;
+    let (weights, _, _) = mkonnx::model::Weights::load_checkpoint(&setup.checkpoint)?;
     let detector = Detector { arch: setup.arch, params: setup.params.clone(), weights };
     Ok(TorchDetector::new(&detector, device)?)
 }
