@@ -407,7 +407,7 @@ impl LibtorchBench {
         use mkonnx::data::run_dir::RunDir;
         use mkonnx::runtime::pytorch::{Device, PytorchRunner, RunnerSetup};
         let run = RunDir::locate(run_dir, None).unwrap();
-        let det = mkonnx::stages::convert::load_run_detector(&run).unwrap();
+        let det = mkonnx::model::Detector::load_run(&run).unwrap();
         let setup = RunnerSetup { checkpoint: run.checkpoint, arch: det.arch, params: det.params, device: Device::Cpu, threads: 1 };
         let mut runner = PytorchRunner::start(&setup).unwrap();
         let ds = mkonnx::data::dataset::Dataset::load(&dataset()).unwrap();

@@ -1,7 +1,6 @@
 //! Conversion stages: resolve the detector, export ONNX, write the conversion summary.
 
 use crate::data::hydra::TrainingConfig;
-use crate::data::run_dir::RunDir;
 use crate::engine::{Stage, StageContext};
 use crate::model::resolve::{resolve, Resolved};
 use crate::model::weights::LoadedWeights;
@@ -35,15 +34,6 @@ impl ModelInfo {
     pub fn class_name(&self, label: i64) -> String {
         self.class_names.as_ref().and_then(|n| n.get(label as usize).cloned()).unwrap_or_else(|| format!("class_{label}"))
     }
-}
-
-/// A run's PyTorch model as `mkonnx build` resolves it: the checkpoint read natively, the
-/// architecture and hyperparameters from its config and weights. For tools and tests that
-/// run a model outside a build (the build itself caches each step as a stage).
-pub fn load_run_detector(run: &RunDir) -> anyhow::Result<Detector> {
-    let (weights, _, _) = Weights::load_checkpoint(&run.checkpoint)?;
-    let Resolved { arch, params, .. } = resolve(&TrainingConfig::load(&run.config)?, &weights, &run.checkpoint)?;
-    Ok(Detector { arch, params, weights })
 }
 
 /// The checkpoints read most recently in this process, by content hash: the stages of one

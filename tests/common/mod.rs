@@ -131,10 +131,8 @@ pub fn detector(run: &Value) -> mkonnx::model::Detector {
     use mkonnx::data::run_dir::RunDir;
     let root = fixtures_dir();
     let checkpoint = root.join(run["checkpoint"].as_str().unwrap());
-    let det = mkonnx::stages::convert::load_run_detector(
-        &RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap(),
-    )
-    .unwrap();
+    let det = mkonnx::model::Detector::load_run(&RunDir::locate(&root.join(run["run_dir"].as_str().unwrap()), Some(&checkpoint)).unwrap())
+        .unwrap();
     assert_eq!(det.arch.constructor(), run["architecture"].as_str().unwrap(), "resolved architecture of {}", run["name"]);
     det
 }

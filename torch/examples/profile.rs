@@ -10,7 +10,6 @@
 use mkonnx::data::dataset::Dataset;
 use mkonnx::data::run_dir::RunDir;
 use mkonnx::runtime::RgbImage;
-use mkonnx::stages::convert::load_run_detector;
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
@@ -20,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: profile RUN_DIR DATASET_DIR [IMAGES]");
     };
     let n: usize = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(8);
-    let detector = load_run_detector(&RunDir::locate(Path::new(run), None)?)?;
+    let detector = mkonnx::model::Detector::load_run(&RunDir::locate(Path::new(run), None)?)?;
     mkonnx_torch::set_num_threads(1);
     let torch = mkonnx_torch::TorchDetector::new(&detector, tch::Device::Cpu)?;
     let ds = Dataset::load(std::path::Path::new(dataset))?;

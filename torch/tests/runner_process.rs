@@ -12,14 +12,13 @@ use mkonnx::eval::parity::{compare, Tolerance};
 use mkonnx::model::Detector;
 use mkonnx::runtime::pytorch::{Device, PytorchError, PytorchRunner, RunnerSetup};
 use mkonnx::runtime::{ImageBatch, RgbImage};
-use mkonnx::stages::convert::load_run_detector;
 use std::path::PathBuf;
 
 fn runner_setup(run: &str) -> (RunnerSetup, Detector) {
     std::env::set_var(mkonnx::runtime::pytorch::RUNNER_ENV, env!("CARGO_BIN_EXE_mkonnx-torch"));
     let dir = common::fixtures_dir().join(common::run(run)["run_dir"].as_str().unwrap());
     let run = RunDir::locate(&dir, None).unwrap();
-    let detector = load_run_detector(&run).unwrap();
+    let detector = mkonnx::model::Detector::load_run(&run).unwrap();
     let setup =
         RunnerSetup { checkpoint: run.checkpoint, arch: detector.arch, params: detector.params.clone(), device: Device::Cpu, threads: 1 };
     (setup, detector)
