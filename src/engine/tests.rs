@@ -824,7 +824,7 @@ fn force_replaces_a_damaged_blob_and_verify_finds_damage() {
     // The same damage, then --force: the rebuilt bytes replace the damaged blob.
     build(&env.engine(), &dag.graph);
     let blob = flip_a_bit(&env, good.as_bytes());
-    let r = env.engine().build(&dag.graph, &BuildOptions { force: Force::All, observer: None }).unwrap();
+    let r = env.engine().build(&dag.graph, &BuildOptions { force: Force::All, ..Default::default() }).unwrap();
     assert!(r.ok());
     assert_eq!(fs::read_to_string(&blob).unwrap(), good);
     assert!(env.engine().store().verify_all().unwrap().clean());
