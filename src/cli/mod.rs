@@ -395,7 +395,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let remote = engine.remote().map(|r| (r.url(), r.stats()));
     if let (Some((url, s)), false) = (&remote, a.json) {
         err!(
-            "remote {url} ({}): {} hit(s), {} miss(es), {} upload(s) ({} blob(s), {:.1} MB up, {:.1} MB down), {} adopted, {} error(s)",
+            "remote {url} ({}): {} hit(s), {} miss(es), {} upload(s) ({} blob(s), {:.1} MB up, {:.1} MB down), {} race(s) lost ({} adopted), {} error(s)",
             s.state,
             s.hits,
             s.misses,
@@ -403,6 +403,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             s.blobs_uploaded,
             s.bytes_uploaded as f64 / 1e6,
             s.bytes_downloaded as f64 / 1e6,
+            s.races_lost,
             s.adopted,
             s.errors
         );

@@ -33,9 +33,7 @@ impl Shard {
     /// Kubernetes' `JOB_COMPLETION_INDEX` of `count` (`--shard-count`, since an Indexed Job
     /// does not tell its pods how many completions it has). `env` reads a variable.
     pub fn parse(spec: &str, count: Option<u64>, env: &dyn Fn(&str) -> Option<String>) -> Result<Shard, String> {
-        let number = |name: &str, text: &str| {
-            text.trim().parse::<u64>().map_err(|_| format!("{name} is {text:?}, not a whole number"))
-        };
+        let number = |name: &str, text: &str| text.trim().parse::<u64>().map_err(|_| format!("{name} is {text:?}, not a whole number"));
         let shard = if spec == "auto" {
             if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
                 let id = number("SLURM_ARRAY_TASK_ID", &id)?;
@@ -45,17 +43,24 @@ impl Shard {
                         return Err("--shard auto needs a Slurm array of consecutive task ids (e.g. --array=0-9), not a stepped one".into());
                     }
                 }
-                let total = env("SLURM_ARRAY_TASK_COUNT").ok_or("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
+                let total =
+                    env("SLURM_ARRAY_TASK_COUNT").ok_or("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
                 let total = number("SLURM_ARRAY_TASK_COUNT", &total)?;
                 Shard { index: id.checked_sub(min).ok_or("SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?, count: total }
             } else if let Some(index) = env("JOB_COMPLETION_INDEX") {
-                let count = count.ok_or("--shard auto with JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) needs --shard-count N (the Job's completions)")?;
+                let count = count.ok_or(
+                    "--shard auto with JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) needs --shard-count N (the Job's completions)",
+                )?;
                 Shard { index: number("JOB_COMPLETION_INDEX", &index)?, count }
             } else {
-                return Err("--shard auto: neither SLURM_ARRAY_TASK_ID (Slurm job array) nor JOB_COMPLETION_INDEX (Kubernetes Indexed Job) is set".into());
+                return Err(
+                    "--shard auto: neither SLURM_ARRAY_TASK_ID (Slurm job array) nor JOB_COMPLETION_INDEX (Kubernetes Indexed Job) is set"
+                        .into(),
+                );
             }
         } else {
-            let (k, n) = spec.split_once('/').ok_or_else(|| format!("--shard {spec:?}: use K/N (e.g. 0/4: the first of 4 shards) or auto"))?;
+            let (k, n) =
+                spec.split_once('/').ok_or_else(|| format!("--shard {spec:?}: use K/N (e.g. 0/4: the first of 4 shards) or auto"))?;
             Shard { index: number("--shard's K", k)?, count: number("--shard's N", n)? }
         };
         if shard.count == 0 || shard.index >= shard.count {

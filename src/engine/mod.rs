@@ -100,7 +100,9 @@ pub use exec::{BuildEvent, BuildOptions, BuildReport, Engine, Force, NodeReport,
 pub use gc::{GcOptions, GcReport};
 pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
-pub use remote::{RemoteError, RemoteMode, RemoteOptions, RemoteStats, RemoteStore, FORMAT_MARKER, FORMAT_VERSION, TEST_HOOK_BEFORE_RECORD};
+pub use remote::{
+    RemoteError, RemoteMode, RemoteOptions, RemoteStats, RemoteStore, FORMAT_MARKER, FORMAT_VERSION, TEST_HOOK_BEFORE_RECORD,
+};
 pub use stage::{Stage, StageContext};
 pub use stat_cache::{Clock, FileStat, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
 pub use store::{Store, VerifyReport};

@@ -118,7 +118,9 @@ pub struct RemoteStats {
     pub bytes_uploaded: u64,
     /// Bytes downloaded.
     pub bytes_downloaded: u64,
-    /// Races lost to another machine whose record had other artifacts, adopted here.
+    /// Records another machine wrote first while this one was building the same key.
+    pub races_lost: u64,
+    /// Of those, records whose artifacts differed from ours and were adopted here.
     pub adopted: u64,
     /// Failed requests: unreachable remote, refused writes, damaged blobs or records.
     pub errors: u64,
@@ -249,6 +251,7 @@ struct Counters {
     blobs_uploaded: AtomicU64,
     bytes_uploaded: AtomicU64,
     bytes_downloaded: AtomicU64,
+    races_lost: AtomicU64,
     adopted: AtomicU64,
     errors: AtomicU64,
 }
@@ -378,6 +381,7 @@ impl RemoteStore {
             blobs_uploaded: get(&c.blobs_uploaded),
             bytes_uploaded: get(&c.bytes_uploaded),
             bytes_downloaded: get(&c.bytes_downloaded),
+            races_lost: get(&c.races_lost),
             adopted: get(&c.adopted),
             errors: get(&c.errors),
         }
@@ -620,7 +624,14 @@ impl RemoteStore {
     /// record, create-only. Returns the winner's result when another machine had already
     /// recorded other artifacts for this key (now adopted locally), else `None`. Errors only
     /// when the remote is required and unreachable, or the local store fails.
-    pub(crate) fn publish(&self, key: &Hash, stage: &str, result: &StoredResult, local: &Store, now_ns: i64) -> Result<Option<StoredResult>, RemoteError> {
+    pub(crate) fn publish(
+        &self,
+        key: &Hash,
+        stage: &str,
+        result: &StoredResult,
+        local: &Store,
+        now_ns: i64,
+    ) -> Result<Option<StoredResult>, RemoteError> {
         if !self.writable() {
             return Ok(None);
         }
@@ -685,7 +696,10 @@ impl RemoteStore {
                 bump(&self.counters.uploads, 1);
                 Ok(None)
             }
-            Err(e) if matches!(classify(&e), Failure::Exists) => self.lost_race(&record, local, now_ns),
+            Err(e) if matches!(classify(&e), Failure::Exists) => {
+                bump(&self.counters.races_lost, 1);
+                self.lost_race(&record, local, now_ns)
+            }
             Err(e) => {
                 self.write_failed(&path, e)?;
                 Ok(None)
@@ -751,7 +765,10 @@ impl RemoteStore {
         report.push((
             "read",
             match self.get_bytes(&marker) {
-                Ok(b) => self.check_marker_bytes(&b).map(|()| format!("{marker}: {FORMAT_NAME} version {FORMAT_VERSION}")).map_err(|e| e.to_string()),
+                Ok(b) => self
+                    .check_marker_bytes(&b)
+                    .map(|()| format!("{marker}: {FORMAT_NAME} version {FORMAT_VERSION}"))
+                    .map_err(|e| e.to_string()),
                 Err(e) if matches!(classify(&e), Failure::NotFound) => Ok(format!("{marker} absent (a new remote)")),
                 Err(e) => Err(self.unavailable_error("read", &marker, e).to_string()),
             },
@@ -790,7 +807,8 @@ impl RemoteStore {
                 .collect::<object_store::Result<Vec<_>>>()
                 .map_err(|e| self.unavailable_error("list", &path, e))
         };
-        let delete = |path: &ObjectPath| self.runtime.block_on(self.store.delete(path)).map_err(|e| self.unavailable_error("delete", path, e));
+        let delete =
+            |path: &ObjectPath| self.runtime.block_on(self.store.delete(path)).map_err(|e| self.unavailable_error("delete", path, e));
         let mut live = HashSet::new();
         let mut records_deleted = 0;
         for meta in list("records")? {
@@ -823,4 +841,3 @@ impl RemoteStore {
         Ok((records_deleted, blobs_deleted, bytes_freed))
     }
 }
-
