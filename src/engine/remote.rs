@@ -146,9 +146,9 @@ pub enum RemoteError {
         op: &'static str,
         /// The object.
         path: String,
-        /// object_store's error.
+        /// object_store's error (boxed: it is large).
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A write was refused (401/403): the credentials are read-only.
     #[error("remote store {url} refused to write {path}: {source}")]
@@ -157,9 +157,9 @@ pub enum RemoteError {
         url: String,
         /// The object.
         path: String,
-        /// object_store's error.
+        /// object_store's error (boxed: it is large).
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The format marker is not this build's.
     #[error(
@@ -409,7 +409,7 @@ impl RemoteStore {
     }
 
     fn unavailable_error(&self, op: &'static str, path: &ObjectPath, source: object_store::Error) -> RemoteError {
-        RemoteError::Unavailable { url: self.url.clone(), op, path: path.to_string(), source }
+        RemoteError::Unavailable { url: self.url.clone(), op, path: path.to_string(), source: Box::new(source) }
     }
 
     /// An unreachable remote: with `required`, the error; otherwise the session continues
@@ -429,7 +429,7 @@ impl RemoteStore {
     fn refused(&self, path: &ObjectPath, source: object_store::Error) {
         bump(&self.counters.errors, 1);
         if self.state.compare_exchange(ACTIVE, DEGRADED_READ_ONLY, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            let e = RemoteError::Refused { url: self.url.clone(), path: path.to_string(), source };
+            let e = RemoteError::Refused { url: self.url.clone(), path: path.to_string(), source: Box::new(source) };
             warn(&format!("{e}; using the remote read-only for the rest of this session (nothing more is uploaded)"));
         }
     }
