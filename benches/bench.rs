@@ -5,6 +5,12 @@
 //! Every process gets one intra-op thread (`OMP_NUM_THREADS=1`, ONNX Runtime and libtorch
 //! threads 1) unless the measurement is about jobs.
 
+// The test helpers, for the moto_server (S3 API on loopback) the `remote` section shares
+// results through.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use mkonnx::runtime::RgbImage;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -97,7 +103,7 @@ fn main() {
     }
     // `make bench ONLY="convert noop"` (or `cargo bench --bench bench -- convert`) runs the
     // sections whose names contain one of the words: convert, ort, libtorch, coco, eval,
-    // noop, fleet, jobs.
+    // noop, fleet, jobs, remote.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let tmp = tempfile::tempdir().unwrap();
@@ -386,6 +392,76 @@ fn main() {
             format!("{:.1} s", timings[1].as_secs_f64()),
             format!("{:.1} s", timings[0].as_secs_f64()),
             format!("{:.2}x faster", timings[0].as_secs_f64() / timings[1].as_secs_f64()),
+        );
+    }
+
+    // 9. A shared remote store: 20 runs (distinct keys: each its own box_detections_per_img)
+    // built on "machine A" (store A, conversion + parity) with a remote on moto_server, then
+    // the same runs (copies at the same relative paths) on "machine B": an empty store B, the
+    // same remote. Peers: A's time, and a plain download of every object under the remote's
+    // prefix with boto3 (the same bytes through the same server, nothing verified or written
+    // into a store).
+    if wanted("remote") {
+        let moto = common::moto::Moto::start(t);
+        let url = moto.url("bench");
+        let machine = |name: &str| -> Vec<String> {
+            (0..20)
+                .map(|i| {
+                    let d = t.join(format!("remote-{name}/outputs/run{i:02}"));
+                    copy_run(&src, &d);
+                    let cfg = d.join(".hydra/config.yaml");
+                    let text = std::fs::read_to_string(&cfg).unwrap();
+                    std::fs::write(&cfg, text.replacen("model:\n", &format!("model:\n  box_detections_per_img: {}\n", 80 + i), 1)).unwrap();
+                    written_an_hour_ago(&cfg);
+                    d.to_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        let (runs_a, runs_b) = (machine("a"), machine("b"));
+        let build_on = |runs: &[String], store: &str| {
+            let mut c = Command::new(mkonnx_bin());
+            c.arg("build").args(runs).args(["--image-input", sample.to_str().unwrap(), "--quiet", "--remote", &url]);
+            c.env("MKONNX_STORE", t.join(store));
+            moto.env(&mut c, &moto.rw);
+            c
+        };
+        let (a, _) = time_process(&mut || build_on(&runs_a, "store-remote-a"), 1);
+        let (b, _) = time_process(&mut || build_on(&runs_b, "store-remote-b"), 1);
+        let copy_dir = t.join("remote-copy");
+        let (copy, out) = time_process(
+            &mut || {
+                let mut c = Command::new(python());
+                c.arg("-c")
+                    .arg(
+                        "import os, sys, boto3\n\
+                         s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')\n\
+                         n = 0\n\
+                         for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[2], Prefix='bench/'):\n    \
+                         for o in page.get('Contents', []):\n        \
+                         dest = os.path.join(sys.argv[3], o['Key'])\n        \
+                         os.makedirs(os.path.dirname(dest), exist_ok=True)\n        \
+                         s3.download_file(sys.argv[2], o['Key'], dest)\n        \
+                         n += o['Size']\n\
+                         print(n)",
+                    )
+                    .args([&moto.endpoint, &moto.bucket, copy_dir.to_str().unwrap()]);
+                moto.env(&mut c, &moto.rw);
+                c
+            },
+            1,
+        );
+        let mb = out.trim().parse::<f64>().unwrap_or(0.0) / 1e6;
+        row(
+            "remote: 20 runs on machine B (empty store) vs machine A",
+            format!("{:.2} s", b.as_secs_f64()),
+            format!("{:.2} s", a.as_secs_f64()),
+            format!("{:.1}% of A (target < 15%)", 100.0 * b.as_secs_f64() / a.as_secs_f64()),
+        );
+        row(
+            &format!("remote: machine B vs downloading the same {mb:.0} MB (boto3)"),
+            format!("{:.2} s", b.as_secs_f64()),
+            format!("{:.2} s", copy.as_secs_f64()),
+            format!("{:.2}x", b.as_secs_f64() / copy.as_secs_f64()),
         );
     }
 

@@ -44,6 +44,98 @@ pub enum Command {
     Verify(StoreArgs),
     /// COCO bbox evaluation of a results file against a ground truth, as pycocotools prints it.
     CocoEval(CocoEvalArgs),
+    /// List the runs of a shard (`--shard K/N`), one per line, without building.
+    Plan(PlanArgs),
+    /// Upload the results of the runs' stages in the local store to the remote (--remote),
+    /// building what is missing first.
+    Push(BuildArgs),
+    /// Download the runs' results from the remote (--remote) and write their outputs; never
+    /// runs a stage (a stage nobody built fails).
+    Pull(BuildArgs),
+    /// The remote store: check it, or collect its garbage.
+    #[command(subcommand)]
+    Remote(RemoteCommand),
+}
+
+/// `mkonnx remote ...`.
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Read, write and conditional-put probes against the remote.
+    Check(RemoteArgs),
+    /// Mark and sweep: delete blobs no record names (older than --grace-hours), and records
+    /// older than --max-record-age-days when given.
+    Gc(RemoteGcArgs),
+}
+
+/// The remote store shared between machines.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// Remote store: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or
+    /// file:///dir. Credentials the standard way (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
+    /// AWS_ALLOW_HTTP=true for plain http, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*...).
+    #[arg(long, value_name = "URL", env = "MKONNX_REMOTE")]
+    pub remote: Option<String>,
+    /// rw: download results and upload new ones; ro: download only.
+    #[arg(long, value_enum, default_value_t = RemoteModeArg::Rw, value_name = "MODE")]
+    pub remote_mode: RemoteModeArg,
+    /// Fail when the remote cannot be reached, instead of building with the local store only.
+    #[arg(long)]
+    pub remote_required: bool,
+    /// Seconds a remote request may take, transfer included (connecting: at most 5).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub remote_timeout: u64,
+}
+
+/// Whether the remote is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RemoteModeArg {
+    /// Read and write.
+    Rw,
+    /// Read only.
+    Ro,
+}
+
+/// Options of `remote gc`.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteGcArgs {
+    /// The remote.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Also delete records (stage results) not written for this many days.
+    #[arg(long, value_name = "DAYS")]
+    pub max_record_age_days: Option<u64>,
+    /// Blobs younger than this are kept even if no record names them (an upload whose record
+    /// is not written yet).
+    #[arg(long, value_name = "HOURS", default_value_t = 24)]
+    pub grace_hours: u64,
+}
+
+/// Which runs of the command line this process takes (job arrays).
+#[derive(Debug, Args, Clone)]
+pub struct ShardArgs {
+    /// Take only shard K of N (K from 0): the runs whose id (path relative to --shard-root)
+    /// hashes to K. `auto`: from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or
+    /// JOB_COMPLETION_INDEX with --shard-count.
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<String>,
+    /// Number of shards for `--shard auto` in a Kubernetes Indexed Job (its completions).
+    #[arg(long, value_name = "N", env = "MKONNX_SHARD_COUNT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shard_count: Option<u64>,
+    /// Directory that run ids are relative to (default: the current directory). Every task
+    /// of an array must use the same.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub shard_root: PathBuf,
+}
+
+/// Options of `plan`.
+#[derive(Debug, Args, Clone)]
+pub struct PlanArgs {
+    /// Training run directories.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub run_dirs: Vec<PathBuf>,
+    /// Sharding.
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 /// Where the cache lives.
@@ -117,6 +209,12 @@ pub struct BuildArgs {
     /// Store options.
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Remote store options.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Sharding.
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 /// Options of `report`.

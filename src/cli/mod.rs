@@ -27,17 +27,19 @@ macro_rules! err {
 
 pub mod args;
 pub mod report;
+pub mod shard;
 
 use crate::data::dataset::Dataset;
 use crate::data::run_dir::RunDir;
-use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome};
+use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome, RemoteMode, RemoteOptions, RemoteStore};
 use crate::stages::{plan, BuildRequest, Device};
 use anyhow::Context;
-use args::{BuildArgs, Cli, Command, DeviceArg, ReportArgs};
+use args::{BuildArgs, Cli, Command, DeviceArg, PlanArgs, RemoteArgs, RemoteCommand, RemoteModeArg, ReportArgs, ShardArgs};
 use clap::Parser;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
@@ -63,6 +65,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(a) => build(&a, Mode::Status),
         Command::Graph(a) => build(&a, Mode::Graph),
         Command::Report(a) => report_command(&a),
+        Command::Push(a) => build(&a, Mode::Push),
+        Command::Pull(a) => build(&a, Mode::Pull),
+        Command::Plan(a) => plan_command(&a),
+        Command::Remote(RemoteCommand::Check(r)) => remote_check(&r),
+        Command::Remote(RemoteCommand::Gc(g)) => {
+            let remote = open_remote(&g.remote)?.context("mkonnx remote gc needs --remote URL (or MKONNX_REMOTE)")?;
+            let day = std::time::Duration::from_secs(24 * 3600);
+            let grace = std::time::Duration::from_secs(3600 * g.grace_hours);
+            let (records, blobs, bytes) = remote.gc(g.max_record_age_days.map(|d| day * d as u32), grace)?;
+            out!("remote gc: {records} record(s) and {blobs} blob(s) deleted, {:.1} MB freed", bytes as f64 / 1e6);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Gc(s) => {
             let engine = Engine::open(&store_dir(s.store.as_deref())?, crate::build_identity())?;
             let r = engine.gc(&crate::engine::GcOptions { prune_missing: true })?;
@@ -106,6 +120,69 @@ enum Mode {
     Build,
     Status,
     Graph,
+    /// Build, and upload results already in the local store too.
+    Push,
+    /// Download and materialize; never run a stage.
+    Pull,
+}
+
+/// Connects to the remote of `--remote` / `$MKONNX_REMOTE`, if one is given.
+fn open_remote(r: &RemoteArgs) -> anyhow::Result<Option<Arc<RemoteStore>>> {
+    let Some(url) = r.remote.as_deref().filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let options = RemoteOptions {
+        mode: match r.remote_mode {
+            RemoteModeArg::Rw => RemoteMode::ReadWrite,
+            RemoteModeArg::Ro => RemoteMode::ReadOnly,
+        },
+        required: r.remote_required,
+        request_timeout: std::time::Duration::from_secs(r.remote_timeout),
+        ..RemoteOptions::default()
+    };
+    Ok(Some(Arc::new(RemoteStore::open(url, options)?)))
+}
+
+/// The run directories of this process's shard (all of them without `--shard`).
+fn sharded_run_dirs(s: &ShardArgs, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let Some(spec) = &s.shard else {
+        return Ok(dirs.to_vec());
+    };
+    let shard = shard::Shard::parse(spec, s.shard_count, &|name| std::env::var(name).ok())?;
+    Ok(shard::select(dirs, shard, &s.shard_root)?.into_iter().cloned().collect())
+}
+
+/// `mkonnx plan`: the runs of a shard, one per line.
+fn plan_command(a: &PlanArgs) -> anyhow::Result<ExitCode> {
+    match sharded_run_dirs(&a.shard, &a.run_dirs) {
+        Ok(dirs) => {
+            for d in dirs {
+                out!("{}", d.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(message) => {
+            err!("Error: {message}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// `mkonnx remote check`: one line per probe; fails if one failed.
+fn remote_check(r: &RemoteArgs) -> anyhow::Result<ExitCode> {
+    let required = RemoteArgs { remote_required: true, ..r.clone() };
+    let remote = open_remote(&required)?.context("mkonnx remote check needs --remote URL (or MKONNX_REMOTE)")?;
+    let mut ok = true;
+    for (probe, outcome) in remote.check() {
+        match outcome {
+            Ok(detail) => out!("ok      {probe}: {detail}"),
+            Err(e) => {
+                ok = false;
+                out!("FAILED  {probe}: {e}");
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// `--store`, else `$MKONNX_STORE`, else `$XDG_CACHE_HOME/mkonnx`, else `~/.cache/mkonnx`.
@@ -128,6 +205,20 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         err!("Error: {message}");
         return Ok(ExitCode::from(2));
     }
+    let run_dirs = match sharded_run_dirs(&a.shard, &a.run_dirs) {
+        Ok(dirs) => dirs,
+        Err(message) => {
+            err!("Error: {message}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if run_dirs.is_empty() {
+        out!("shard {}: no runs among the {} given", a.shard.shard.as_deref().unwrap_or_default(), a.run_dirs.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if matches!(mode, Mode::Push | Mode::Pull) && a.remote.remote.is_none() {
+        anyhow::bail!("push and pull need --remote URL (or MKONNX_REMOTE)");
+    }
     let dataset = match &a.dataset_dir {
         Some(d) => Some(Dataset::load(d)?),
         None => None,
@@ -140,7 +231,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     // Runs whose inputs are missing fail alone; the others still build (make -k).
     let mut runs = Vec::new();
     let mut unlocated = Vec::new();
-    for dir in &a.run_dirs {
+    for dir in &run_dirs {
         match RunDir::locate(dir, a.checkpoint_path.as_deref()) {
             Ok(r) => runs.push((dir.as_path(), r)),
             Err(e) => {
@@ -179,7 +270,12 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             err!("Error: {}: {e}", dir.display());
         }
     }
-    let engine = Engine::open(&store_dir(a.store.store.as_deref())?, crate::build_identity())?.with_jobs(jobs);
+    let mut engine = Engine::open(&store_dir(a.store.store.as_deref())?, crate::build_identity())?.with_jobs(jobs);
+    if matches!(mode, Mode::Build | Mode::Push | Mode::Pull) {
+        if let Some(remote) = open_remote(&a.remote)? {
+            engine = engine.with_remote(remote);
+        }
+    }
     let force = if a.force { Force::All } else { Force::Nothing };
 
     if mode == Mode::Graph {
@@ -231,7 +327,8 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let report = engine.build(&graph, &BuildOptions { force, observer: Some(&observer) })?;
+    let opts = BuildOptions { force, observer: Some(&observer), no_run: mode == Mode::Pull, publish_fresh: mode == Mode::Push };
+    let report = engine.build(&graph, &opts)?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -295,11 +392,31 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         err!("warning: could not save the run reports in the store: {e:#}");
     }
 
+    let remote = engine.remote().map(|r| (r.url(), r.stats()));
+    if let (Some((url, s)), false) = (&remote, a.json) {
+        err!(
+            "remote {url} ({}): {} hit(s), {} miss(es), {} upload(s) ({} blob(s), {:.1} MB up, {:.1} MB down), {} race(s) lost ({} adopted), {} error(s)",
+            s.state,
+            s.hits,
+            s.misses,
+            s.uploads,
+            s.blobs_uploaded,
+            s.bytes_uploaded as f64 / 1e6,
+            s.bytes_downloaded as f64 / 1e6,
+            s.races_lost,
+            s.adopted,
+            s.errors
+        );
+    }
     if a.json {
         json_rows.extend(rows[json_rows.len()..].iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?);
-        let json = serde_json::json!({ "ok": report::all_ok(&rows), "runs": json_rows, "elapsed_s": report.elapsed.as_secs_f64() });
+        let mut json = serde_json::json!({ "ok": report::all_ok(&rows), "runs": json_rows, "elapsed_s": report.elapsed.as_secs_f64() });
+        if let Some((url, stats)) = &remote {
+            json["remote"] = serde_json::to_value(stats)?;
+            json["remote"]["url"] = (*url).into();
+        }
         out!("{}", serde_json::to_string_pretty(&json)?);
-    } else if a.run_dirs.len() > 1 {
+    } else if run_dirs.len() > 1 {
         out_raw!("\n{}", report::render(&rows, report::Format::Text));
     } else if !quiet {
         let ok = rows.iter().filter(|r| r.result == report::RunResult::Ok).count();

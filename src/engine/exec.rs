@@ -13,6 +13,7 @@ use anyhow::anyhow;
 use super::file_stat::FileStat;
 use super::graph::{Graph, Node, NodeHandle, PlannedCopy};
 use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
+use super::remote::RemoteStore;
 use super::stage::{HashedFile, StageContext};
 use super::stat_cache::{Clock, FileHasher, SystemClock, RACY_MARGIN_NS};
 use super::store::{InputRecord, MatRecord, NodeRecord, Store, StoredResult};
@@ -65,6 +66,12 @@ pub struct BuildOptions<'a> {
     pub force: Force,
     /// Called on worker threads as nodes start and finish (e.g. to drive a progress bar).
     pub observer: Option<&'a (dyn Fn(&BuildEvent<'_>) + Sync)>,
+    /// Never run a stage: a key that neither the local store nor the remote has fails the
+    /// node (`mkonnx pull`).
+    pub no_run: bool,
+    /// Also share results found in the local store with the remote, not only those built
+    /// now (`mkonnx push`).
+    pub publish_fresh: bool,
 }
 
 /// What happened to one node in a build.
@@ -206,6 +213,8 @@ pub struct Engine {
     jobs: usize,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) racy_margin_ns: i64,
+    /// Results shared with other machines, consulted after a local miss (see `remote.rs`).
+    remote: Option<Arc<RemoteStore>>,
 }
 
 /// What dependents need of a finished node.
@@ -282,6 +291,7 @@ impl Engine {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             clock: Arc::new(SystemClock),
             racy_margin_ns: RACY_MARGIN_NS,
+            remote: None,
         }
     }
 
@@ -296,6 +306,18 @@ impl Engine {
             self.jobs = jobs;
         }
         self
+    }
+
+    /// Puts a remote store behind the local one: a local miss is looked up there, and
+    /// results built here are uploaded to it.
+    pub fn with_remote(mut self, remote: Arc<RemoteStore>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The remote store, if any.
+    pub fn remote(&self) -> Option<&RemoteStore> {
+        self.remote.as_deref()
     }
 
     /// Replaces the clock the stat cache uses (tests).
@@ -538,6 +560,21 @@ impl Engine {
             if !forced {
                 stored = lookup(&self.store).map_err(MatError::Other)?;
             }
+            if let (None, false, Some(remote)) = (&stored, forced, &self.remote) {
+                // A result built on another machine is downloaded, verified and committed
+                // locally like one built here.
+                match remote.fetch(&key, &self.store, self.clock.now_ns()) {
+                    Ok(found) => stored = found,
+                    Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
+                }
+            }
+            if stored.is_none() && cx.opts.no_run {
+                return Ok(Finished::failed(
+                    h,
+                    Some(key),
+                    anyhow!("not built yet: neither the local store nor the remote has this stage's result"),
+                ));
+            }
             if stored.is_none() {
                 // Every stored byte the stage may read is checked first (once per process).
                 for u in upstream {
@@ -558,8 +595,12 @@ impl Engine {
                 }
                 match self.run_stage(node, files, upstream, key) {
                     Ok((result, duration)) => {
-                        stored = Some(result);
                         built = Some(duration);
+                        match self.share(node, &key, &result) {
+                            // Another machine recorded this key first: its result wins.
+                            Ok(winner) => stored = Some(winner.unwrap_or(result)),
+                            Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
+                        }
                     }
                     Err(e) => {
                         let e = Arc::new(e);
@@ -569,6 +610,20 @@ impl Engine {
                 }
             }
             drop(lock);
+        } else if cx.opts.publish_fresh {
+            if let Some(result) = &stored {
+                let shared = self.remote.as_ref().map_or(Ok(true), |r| r.has_record(&key));
+                let winner = match shared {
+                    Ok(true) => Ok(None),
+                    Ok(false) => self.share(node, &key, result),
+                    Err(e) => Err(e),
+                };
+                match winner {
+                    Ok(Some(w)) => stored = Some(w),
+                    Ok(None) => {}
+                    Err(e) => return Ok(Finished::failed(h, Some(key), e.into())),
+                }
+            }
         }
         let Some(result) = stored else {
             return Ok(Finished::failed(h, Some(key), anyhow!("internal error: no result")));
@@ -645,6 +700,15 @@ impl Engine {
             key: Some(key),
             file_hashes: Vec::new(),
         })
+    }
+
+    /// Uploads a result of the local store to the remote (if any); the winner's result when
+    /// another machine recorded the key first with other artifacts (adopted locally).
+    fn share(&self, node: &Node, key: &Hash, result: &StoredResult) -> Result<Option<StoredResult>, super::remote::RemoteError> {
+        match &self.remote {
+            Some(remote) => remote.publish(key, node.name, result, &self.store, self.clock.now_ns()),
+            None => Ok(None),
+        }
     }
 
     /// Removes the files node `h` materialized at its last successful build that `keep` no
@@ -753,7 +817,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-struct RemoveDirOnDrop(PathBuf);
+/// Removes a scratch directory when dropped (whatever happened in it).
+pub(super) struct RemoveDirOnDrop(pub(super) PathBuf);
 
 impl Drop for RemoveDirOnDrop {
     fn drop(&mut self) {

@@ -86,6 +86,7 @@ mod file_stat;
 mod gc;
 mod graph;
 mod hash;
+mod remote;
 mod stage;
 mod stat_cache;
 mod store;
@@ -101,6 +102,9 @@ pub use file_stat::FileStat;
 pub use gc::{GcOptions, GcReport};
 pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
+pub use remote::{
+    RemoteError, RemoteMode, RemoteOptions, RemoteStats, RemoteStore, FORMAT_MARKER, FORMAT_VERSION, TEST_HOOK_BEFORE_RECORD,
+};
 pub use stage::{Stage, StageContext};
 pub use stat_cache::{Clock, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
 pub use store::{Store, VerifyReport};

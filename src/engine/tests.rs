@@ -62,6 +62,8 @@ enum Behaviour {
     Pictures(usize),
     /// Publishes its input `a`'s artifact `out` as its own `out`, without copying.
     Reuse,
+    /// Like `Concat`, plus how many times this stage ran in the test: not bit-reproducible.
+    Unreproducible,
 }
 
 struct TestStage {
@@ -152,6 +154,11 @@ impl Stage for TestStage {
                 }
             }
             Behaviour::Reuse => ctx.reuse_input_artifact("a", "out", "out")?,
+            Behaviour::Unreproducible => {
+                let mut out = concat();
+                out.extend(format!("#{}", self.runs.get(self.name)).into_bytes());
+                ctx.write_output("out", out)?
+            }
             Behaviour::EditInput => {
                 let x = ctx.input_file("x")?.to_path_buf();
                 let mut content = fs::read(&x)?;
@@ -824,7 +831,7 @@ fn force_replaces_a_damaged_blob_and_verify_finds_damage() {
     // The same damage, then --force: the rebuilt bytes replace the damaged blob.
     build(&env.engine(), &dag.graph);
     let blob = flip_a_bit(&env, good.as_bytes());
-    let r = env.engine().build(&dag.graph, &BuildOptions { force: Force::All, observer: None }).unwrap();
+    let r = env.engine().build(&dag.graph, &BuildOptions { force: Force::All, ..Default::default() }).unwrap();
     assert!(r.ok());
     assert_eq!(fs::read_to_string(&blob).unwrap(), good);
     assert!(env.engine().store().verify_all().unwrap().clean());
@@ -1169,4 +1176,58 @@ fn make_writable(p: &Path) {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
     }
+}
+
+/// An engine on its own store ("another machine") in `env`, with remote `remote`.
+fn machine(env: &Env, store: &str, remote: &Path) -> Engine {
+    let url = format!("file://{}", remote.display());
+    let remote = RemoteStore::open(&url, RemoteOptions::default()).unwrap();
+    Engine::open(&env.path(store), "0.1.0").unwrap().with_jobs(2).with_clock(env.clock.clone()).with_remote(Arc::new(remote))
+}
+
+#[test]
+fn a_lost_race_adopts_the_winners_artifacts_so_machines_agree_downstream() {
+    let env = setup();
+    let remote = env.path("remote");
+    let dag = dag_with(&env, env.stage("a").behaviour(Behaviour::Unreproducible), env.stage("b"), env.stage("c"), env.stage("d"));
+    let first = machine(&env, "store-a", &remote);
+    let r = build(&first, &dag.graph);
+    assert_eq!(outcomes(&r), [("a", "built"), ("b", "built"), ("c", "built"), ("d", "built")]);
+    let (winner_a, winner_d) = (env.read("run/a.txt"), env.read("run/d.txt"));
+    assert!(winner_a.ends_with("#1"), "{winner_a}");
+    assert_eq!(first.remote().unwrap().stats().uploads, 4);
+
+    // Another machine builds `a` again (forced: as if both had missed at once): its bytes
+    // differ, the record is already there, so it takes the winner's, and so do `c` and `d`.
+    let second = machine(&env, "store-b", &remote);
+    let r = second.build(&dag.graph, &BuildOptions { force: Force::Nodes([dag.a].into()), ..Default::default() }).unwrap();
+    assert_eq!(outcomes(&r)[0], ("a", "built"));
+    assert_eq!(env.runs("a"), 2);
+    let stats = second.remote().unwrap().stats();
+    assert_eq!((stats.races_lost, stats.adopted, stats.uploads, stats.hits), (1, 1, 0, 3), "{stats:?}");
+    assert_eq!(env.read("run/a.txt"), winner_a);
+    assert_eq!(env.read("run/d.txt"), winner_d);
+    assert_eq!(env.runs("c"), 1, "c's key is the winner's: downloaded, not rebuilt");
+}
+
+#[test]
+fn a_truncated_remote_blob_is_a_miss_and_the_rebuild_repairs_it() {
+    let env = setup();
+    let remote = env.path("remote");
+    let dag = dag(&env);
+    build(&machine(&env, "store-a", &remote), &dag.graph);
+    let d_out = env.read("run/d.txt");
+    let d_blob = blob_with_content(&remote, d_out.as_bytes()).expect("d's blob in the remote");
+    fs::write(&d_blob, &d_out.as_bytes()[..5]).unwrap();
+
+    let second = machine(&env, "store-b", &remote);
+    fs::remove_file(env.path("run/d.txt")).unwrap();
+    let r = build(&second, &dag.graph);
+    // No stage but d runs: the others' results come from the remote (a's file was intact).
+    assert_eq!(outcomes(&r), [("a", "fresh"), ("b", "fresh"), ("c", "fresh"), ("d", "built")]);
+    assert_eq!((env.runs("a"), env.runs("b"), env.runs("c"), env.runs("d")), (1, 1, 1, 2));
+    assert_eq!(env.read("run/d.txt"), d_out);
+    assert_eq!(fs::read(&d_blob).unwrap(), d_out.as_bytes(), "the upload after the rebuild repaired the remote");
+    let stats = second.remote().unwrap().stats();
+    assert_eq!((stats.hits, stats.misses, stats.errors, stats.races_lost), (3, 1, 1, 1), "{stats:?}");
 }

@@ -175,3 +175,4 @@ pub fn golden_detections(g: &Value) -> mkonnx::runtime::Detections {
 pub fn rgb_sum(img: &mkonnx::runtime::RgbImage) -> u64 {
     img.chw.iter().map(|v| (v * 255.0).round() as u64).sum()
 }
+pub mod moto;
