@@ -2,139 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 
 use serde_json::Value;
 
 use super::exec::{Engine, Force};
+use super::freshness::{reusable_result, stale_copy, StaleReason};
 use super::graph::{Graph, NodeHandle};
 use super::hash::Hash;
 use super::stage::HashedFile;
 use super::EngineError;
-
-/// Why a node is not fresh. Each renders as a sentence for users (`Display`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StaleReason {
-    /// The node has no record of a successful build.
-    NeverBuilt,
-    /// The [`Force`] option names it.
-    Forced,
-    /// The stage's version differs from the last build's.
-    StageVersionChanged {
-        /// Version at the last build.
-        old: u32,
-        /// Version now.
-        new: u32,
-    },
-    /// The tool version differs from the last build's.
-    ToolVersionChanged {
-        /// Version at the last build.
-        old: String,
-        /// Version now.
-        new: String,
-    },
-    /// Parameters differ from the last build's.
-    ParamsChanged {
-        /// Dotted paths of the parameters that changed, added or were removed.
-        keys: Vec<String>,
-    },
-    /// A file input's content differs from the last build's. (A different *path* makes
-    /// a different node, see [`crate::engine::NodeId`]; it is never built if its content
-    /// was built before, else it is [`StaleReason::NeverBuilt`].)
-    InputChanged {
-        /// The input's name ("checkpoint", "config", "dataset", ...).
-        input: String,
-        /// Hash at the last build.
-        old_hash: Hash,
-        /// Hash now.
-        new_hash: Hash,
-    },
-    /// A file input cannot be read now.
-    InputUnreadable {
-        /// The input's name.
-        input: String,
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        error: String,
-    },
-    /// An upstream node's outputs differ from those this node was last built from.
-    UpstreamChanged {
-        /// The input that names the upstream.
-        input: String,
-        /// The upstream's display name.
-        node: String,
-    },
-    /// An upstream node is stale, so its outputs, and hence this node's key, are known
-    /// only once it has run (it may turn out fresh after all, by early cutoff).
-    UpstreamStale {
-        /// The input that names the upstream.
-        input: String,
-        /// The upstream's display name.
-        node: String,
-    },
-    /// A materialized output file is missing (restored from the store by a build).
-    OutputMissing {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A materialized output file's content differs from the store's (restored by a build).
-    OutputModified {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A materialization names an artifact the stored result does not have (the graph
-    /// asks for an output the stage does not produce); a build fails this node.
-    MissingArtifact {
-        /// The artifact name.
-        artifact: String,
-        /// Where it was to be written.
-        path: PathBuf,
-    },
-    /// The last build's ingredients all match, but the store no longer holds the result
-    /// (removed by gc, or its files were deleted).
-    NotInStore,
-}
-
-impl fmt::Display for StaleReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StaleReason::NeverBuilt => write!(f, "never built"),
-            StaleReason::Forced => write!(f, "forced"),
-            StaleReason::StageVersionChanged { old, new } => {
-                write!(f, "stage version changed ({old} -> {new})")
-            }
-            StaleReason::ToolVersionChanged { old, new } => {
-                write!(f, "mkonnx version changed ({old} -> {new})")
-            }
-            StaleReason::ParamsChanged { keys } => {
-                write!(f, "parameters changed: {}", keys.join(", "))
-            }
-            StaleReason::InputChanged { input, old_hash, new_hash } => {
-                write!(f, "input `{input}` changed ({} -> {})", old_hash.short(), new_hash.short())
-            }
-            StaleReason::InputUnreadable { input, path, error } => {
-                write!(f, "input `{input}` ({}) cannot be read: {error}", path.display())
-            }
-            StaleReason::UpstreamChanged { input, node } => {
-                write!(f, "upstream {node} (input `{input}`) changed")
-            }
-            StaleReason::UpstreamStale { input, node } => {
-                write!(f, "upstream {node} (input `{input}`) is stale; rechecked once it has run")
-            }
-            StaleReason::OutputMissing { path } => {
-                write!(f, "output {} is missing", path.display())
-            }
-            StaleReason::OutputModified { path } => {
-                write!(f, "output {} was modified", path.display())
-            }
-            StaleReason::MissingArtifact { artifact, path } => {
-                write!(f, "the stage produces no artifact `{artifact}` to write to {}", path.display())
-            }
-            StaleReason::NotInStore => write!(f, "the store no longer holds its result"),
-        }
-    }
-}
 
 /// A node's state as `status` sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -296,20 +172,14 @@ impl Engine {
             }
             let status = if complete {
                 let key = self.key_of(node, &files, upstream.into_iter());
-                match self.store.lookup_result(&key)? {
-                    Some((result, true)) => {
+                match reusable_result(&self.store, &key, force.contains(h))? {
+                    Some(result) => {
                         // The key is stored: whatever differs from the last record, a build
                         // only checks the materialized files.
-                        reasons.retain(|r| *r == StaleReason::Forced);
+                        reasons.clear();
                         match node.materialization_plan(&result.artifacts) {
                             Ok(plan) => {
-                                for (dest, _, blob) in plan {
-                                    match hasher.hash(&dest) {
-                                        Ok((current, _)) if current == blob => {}
-                                        Ok(_) => reasons.push(StaleReason::OutputModified { path: dest }),
-                                        Err(_) => reasons.push(StaleReason::OutputMissing { path: dest }),
-                                    }
-                                }
+                                reasons.extend(plan.iter().filter_map(|(dest, _, blob)| stale_copy(&hasher, dest, blob)));
                             }
                             Err(EngineError::MissingArtifact { artifact, dest, .. }) => {
                                 reasons.push(StaleReason::MissingArtifact { artifact, path: dest });
@@ -317,7 +187,7 @@ impl Engine {
                             Err(e) => return Err(e),
                         }
                         let unbuildable = reasons.iter().any(|r| matches!(r, StaleReason::MissingArtifact { .. }));
-                        if force.contains(h) || unbuildable {
+                        if unbuildable {
                             NodeStatus::Stale(reasons)
                         } else {
                             known[h.0] = Some(result.output_hash);
@@ -328,7 +198,7 @@ impl Engine {
                             }
                         }
                     }
-                    _ => {
+                    None => {
                         if reasons.is_empty() {
                             reasons.push(StaleReason::NotInStore);
                         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::file_stat::FileStat;
+use super::freshness::{reusable_result, stale_copy};
 use super::graph::{Graph, Node, NodeHandle, PlannedCopy};
 use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
 use super::remote::RemoteStore;
@@ -548,18 +549,13 @@ impl Engine {
         key: Hash,
         forced: bool,
     ) -> Result<Finished, MatError> {
-        let lookup = |store: &Store| -> Result<Option<StoredResult>, EngineError> {
-            Ok(store.lookup_result(&key)?.and_then(|(r, complete)| complete.then_some(r)))
-        };
-        let mut stored = if forced { None } else { lookup(&self.store).map_err(MatError::Other)? };
+        let mut stored = reusable_result(&self.store, &key, forced).map_err(MatError::Other)?;
         let mut built = None;
         if stored.is_none() {
             let lock = self.store.lock_key(&key).map_err(MatError::Other)?;
             // Another process (or another node with the same key) may have built it while
             // we waited for the lock.
-            if !forced {
-                stored = lookup(&self.store).map_err(MatError::Other)?;
-            }
+            stored = reusable_result(&self.store, &key, forced).map_err(MatError::Other)?;
             if let (None, false, Some(remote)) = (&stored, forced, &self.remote) {
                 // A result built on another machine is downloaded, verified and committed
                 // locally like one built here.
@@ -638,7 +634,7 @@ impl Engine {
         }
         let mut restored = Vec::new();
         for (dest, _, blob) in &plan {
-            if cx.hasher.hash(dest).is_ok_and(|(current, _)| current == *blob) {
+            if stale_copy(&cx.hasher, dest, blob).is_none() {
                 continue;
             }
             let t = cx.hasher.now_ns();

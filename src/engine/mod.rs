@@ -83,6 +83,7 @@
 mod dirty;
 mod exec;
 mod file_stat;
+mod freshness;
 mod gc;
 mod graph;
 mod hash;
@@ -96,9 +97,10 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use dirty::{NodeStatus, NodeStatusReport, StaleReason, StatusReport};
+pub use dirty::{NodeStatus, NodeStatusReport, StatusReport};
 pub use exec::{BuildEvent, BuildOptions, BuildReport, Engine, Force, NodeReport, Outcome, RunSummary};
 pub use file_stat::FileStat;
+pub use freshness::StaleReason;
 pub use gc::{GcOptions, GcReport};
 pub use graph::{Graph, Materialize, NodeHandle, NodeId, NodeSpec};
 pub use hash::{canonical_json, hash_bytes, hash_file, Hash};
