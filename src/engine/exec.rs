@@ -17,7 +17,7 @@ use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
 use super::remote::RemoteStore;
 use super::stage::{HashedFile, StageContext};
 use super::stat_cache::{Clock, FileHasher, SystemClock, RACY_MARGIN_NS};
-use super::store::{InputRecord, MatRecord, NodeRecord, Store, StoredResult};
+use super::store::{InputRecord, MatRecord, NodeRecord, RemoveDirOnDrop, Store, StoredResult};
 use super::EngineError;
 
 /// Which nodes to rebuild even if the store has their key.
@@ -810,14 +810,5 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "(non-string panic payload)".to_string()
-    }
-}
-
-/// Removes a scratch directory when dropped (whatever happened in it).
-pub(super) struct RemoveDirOnDrop(pub(super) PathBuf);
-
-impl Drop for RemoveDirOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }

@@ -46,9 +46,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
 
-use super::exec::RemoveDirOnDrop;
 use super::hash::{output_set_hash, Hash};
-use super::store::{Store, StoredResult};
+use super::store::{RemoveDirOnDrop, Store, StoredResult};
 use super::EngineError;
 
 /// Name of the format marker object under the remote's prefix.

@@ -914,6 +914,15 @@ impl Write for EarlyWriteback {
     }
 }
 
+/// Removes a scratch directory when dropped (whatever happened in it).
+pub(super) struct RemoveDirOnDrop(pub(super) PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl RemoveOnDrop {
