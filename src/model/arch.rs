@@ -166,6 +166,9 @@ pub const BATCHED_NMS_TRICK_MAX_NUMEL_CUDA: usize = 100_000;
 pub const RPN_MIN_BOX_SIZE: f32 = 1e-3;
 /// `RoIHeads.postprocess_detections`: detections narrower than this are dropped.
 pub const DETECTION_MIN_BOX_SIZE: f32 = 1e-2;
+/// `GeneralizedRCNNTransform(size_divisible=32)`: `batch_images` zero-pads each batch to
+/// multiples of this (height and width).
+pub const SIZE_DIVISIBLE: i64 = 32;
 /// BatchNorm epsilon of every norm layer in the four detectors (BatchNorm2d and FrozenBatchNorm2d).
 pub const BATCH_NORM_EPS: f32 = 1e-5;
 /// RoIAlign output size and sampling ratio of MultiScaleRoIAlign.

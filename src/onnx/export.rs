@@ -242,12 +242,12 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
     let out_size = g.concat(&[&batch, &channels, &resized_hw], 0);
     let resized = g.resize_bilinear(&normalized, &out_size);
 
-    // batch_images: zero padding up to a multiple of 32, after normalization.
-    let c31 = g.ints(&[31]);
-    let c32 = g.ints(&[32]);
-    let up = g.add(&resized_hw, &c31);
-    let blocks = g.div(&up, &c32);
-    let padded_hw = g.mul(&blocks, &c32);
+    // batch_images: zero padding up to a multiple of SIZE_DIVISIBLE, after normalization.
+    let below = g.ints(&[SIZE_DIVISIBLE - 1]);
+    let divisor = g.ints(&[SIZE_DIVISIBLE]);
+    let up = g.add(&resized_hw, &below);
+    let blocks = g.div(&up, &divisor);
+    let padded_hw = g.mul(&blocks, &divisor);
     let extra = g.sub(&padded_hw, &resized_hw);
     let zeros = g.ints(&[0, 0, 0, 0, 0, 0]);
     let pads = g.concat(&[&zeros, &extra], 0);

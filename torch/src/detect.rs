@@ -134,7 +134,7 @@ fn transform(det: &TorchDetector, images: &[Tensor]) -> Result<(Tensor, Sizes), 
     // batch_images: zero-filled [B, C, ceil32(max H), ceil32(max W)], each image top-left.
     let max_h = sizes.iter().map(|s| s[0]).max().unwrap_or(0);
     let max_w = sizes.iter().map(|s| s[1]).max().unwrap_or(0);
-    let (ph, pw) = (ceil_to(max_h, 32), ceil_to(max_w, 32));
+    let (ph, pw) = (ceil_to(max_h, SIZE_DIVISIBLE), ceil_to(max_w, SIZE_DIVISIBLE));
     let batch = Tensor::f_zeros([images.len() as i64, 3, ph, pw], (Kind::Float, det.device)).step(step)?;
     for (i, (img, s)) in resized.iter().zip(&sizes).enumerate() {
         let mut slot = batch.f_select(0, i as i64).and_then(|t| t.f_narrow(1, 0, s[0])).and_then(|t| t.f_narrow(2, 0, s[1])).step(step)?;
