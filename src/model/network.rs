@@ -56,6 +56,12 @@ pub trait Backend {
     fn flatten(&mut self, x: &Self::Tensor) -> Self::Tensor;
 }
 
+/// State_dict prefixes of the layers that INT8 quantization covers (`src/onnx/quantize.rs`):
+/// the backbone (body and FPN), the RPN head and the box head, as addressed by the builders
+/// below. The box predictor and the detection logic around the network (anchors, box
+/// decoding, NMS, RoIAlign, post-processing) stay float32.
+pub const QUANTIZED_LAYER_PREFIXES: [&str; 3] = ["backbone.", "rpn.head.", "roi_heads.box_head."];
+
 /// Activation after a conv-norm layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Activation {
