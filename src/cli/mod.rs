@@ -175,7 +175,9 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             };
             let images = match &dataset {
                 Some(ds) => crate::stages::quantize::calibration_images(a.calibration_dir.as_deref(), ds, a.calibration_images)?,
-                None => crate::stages::quantize::calibration_images_in(a.calibration_dir.as_deref().expect("validated"), a.calibration_images)?,
+                None => {
+                    crate::stages::quantize::calibration_images_in(a.calibration_dir.as_deref().expect("validated"), a.calibration_images)?
+                }
             };
             Some(crate::stages::Int8Request { settings, images })
         }
@@ -340,7 +342,10 @@ fn report_command(a: &ReportArgs) -> anyhow::Result<ExitCode> {
 
 /// A directory's base name, for messages and keys (never its absolute path).
 fn dir_name(dir: &Path) -> String {
-    std::path::absolute(dir).ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| dir.display().to_string())
+    std::path::absolute(dir)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
 }
 
 /// One word per outcome, for `--json`.

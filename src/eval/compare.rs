@@ -250,8 +250,14 @@ impl Comparison {
             }
             s = s.trim_end().to_string() + "\n";
             for (i, m) in self.metrics.iter().enumerate() {
-                let mut line =
-                    format!("{:<8} {:>9.4} {:>9.4} {:>+10.5}  {:<9}", m.metric, m.pytorch, m.onnx, m.difference, format!("{:?}", m.verdict));
+                let mut line = format!(
+                    "{:<8} {:>9.4} {:>9.4} {:>+10.5}  {:<9}",
+                    m.metric,
+                    m.pytorch,
+                    m.onnx,
+                    m.difference,
+                    format!("{:?}", m.verdict)
+                );
                 if let Some(q) = self.int8.as_ref().and_then(|c| c.metrics.get(i)) {
                     line += &format!(" {:>9.4} {:>+10.5}  {:?}", q.int8, q.difference.unwrap_or(q.difference_to_float32), q.verdict);
                 }
@@ -268,7 +274,10 @@ impl Comparison {
         } else {
             s += &format!("{}\n", self.note);
             if let Some(c) = &self.int8 {
-                s += &format!("int8 vs onnx float32: {}", c.metrics.iter().map(|m| format!("{} {:+.5}", m.metric, m.difference_to_float32)).collect::<Vec<_>>().join(", "));
+                s += &format!(
+                    "int8 vs onnx float32: {}",
+                    c.metrics.iter().map(|m| format!("{} {:+.5}", m.metric, m.difference_to_float32)).collect::<Vec<_>>().join(", ")
+                );
                 s += &format!(" ({:?})\n", c.overall);
             }
         }

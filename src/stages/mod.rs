@@ -147,18 +147,17 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         .label(&label)
         .input("onnx", onnx)
         .materialize("model.onnx", onnx_dir.join("model.onnx"));
-    let mut summary =
-        NodeSpec::new(summary::ConversionSummary {
-            checkpoint_name: file_tag_name(run),
-            keep_failed_parity: req.keep_failed_parity,
-            int8_calibration: req.int8.as_ref().map(|q| q.settings.clone()),
-        })
-            .label(&label)
-            .file("checkpoint", &run.checkpoint)
-            .file("config", &run.config)
-            .input("model", model)
-            .input("onnx", onnx)
-            .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
+    let mut summary = NodeSpec::new(summary::ConversionSummary {
+        checkpoint_name: file_tag_name(run),
+        keep_failed_parity: req.keep_failed_parity,
+        int8_calibration: req.int8.as_ref().map(|q| q.settings.clone()),
+    })
+    .label(&label)
+    .file("checkpoint", &run.checkpoint)
+    .file("config", &run.config)
+    .input("model", model)
+    .input("onnx", onnx)
+    .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
     if let Some(parity) = p.parity {
         publish = publish.input("parity", parity);
         summary = summary.input("parity", parity);

@@ -107,7 +107,10 @@ fn render(
     );
     if let Some(c) = &s.int8_calibration {
         let _ = writeln!(t, "INT8 model");
-        let _ = writeln!(t, "  file            onnx_model/model.int8.onnx (QDQ: per-channel symmetric int8 weights, per-tensor uint8 activations)");
+        let _ = writeln!(
+            t,
+            "  file            onnx_model/model.int8.onnx (QDQ: per-channel symmetric int8 weights, per-tensor uint8 activations)"
+        );
         let _ = writeln!(t, "  quantized       Conv/Gemm of the backbone, FPN, RPN head and box head; the rest stays float32");
         let _ = writeln!(t, "  calibration     {}", c.statement());
         let _ = writeln!(t, "  run it with     ONNX Runtime's default graph optimizations (they fuse QDQ into integer kernels)\n");
