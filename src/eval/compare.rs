@@ -162,7 +162,14 @@ pub struct Int8Column {
     pub overall: Verdict,
     /// How it was calibrated (method, images, where they came from).
     pub calibration: String,
+    /// Empty when INT8 AP is within [`INT8_AP_BUDGET`] of float32's; else what it lost and
+    /// what to try.
+    #[serde(default)]
+    pub note: String,
 }
+
+/// How far INT8 AP may be from float32 AP before the comparison warns about it.
+pub const INT8_AP_BUDGET: f64 = 0.01;
 
 impl Int8Column {
     /// The INT8 column for `int8` against the comparison's other sides.
@@ -184,7 +191,17 @@ impl Int8Column {
             })
             .collect();
         let overall = worst(metrics.iter().map(|m| m.verdict)).unwrap_or(Verdict::Excellent);
-        Int8Column { headline: int8, metrics, overall, calibration }
+        let lost = int8.ap - float32.ap;
+        let note = if lost.abs() < INT8_AP_BUDGET {
+            String::new()
+        } else {
+            format!(
+                "INT8 AP is {lost:+.4} from float32, beyond {INT8_AP_BUDGET}: one scale per activation tensor does not fit \
+                 this model that well (MobileNetV3's hard-swish and squeeze-excitation layers lose the most); try \
+                 --calibration-method percentile, or more or other calibration images"
+            )
+        };
+        Int8Column { headline: int8, metrics, overall, calibration, note }
     }
 }
 
@@ -294,6 +311,9 @@ impl Comparison {
         }
         if let Some(c) = &self.int8 {
             s += &format!("int8 calibration: {}\n", c.calibration);
+            if !c.note.is_empty() {
+                s += &format!("int8 note: {}\n", c.note);
+            }
         }
         s
     }
@@ -354,6 +374,10 @@ mod tests {
         assert!(table.contains("int8") && table.contains("-0.02000") && table.contains("int8: Warning"), "{table}");
         assert!(table.contains("pytorch 30.0 ms (p95 31.0)") && table.contains("int8 10.0 ms"), "{table}");
         assert!(table.contains("int8 calibration: minmax on 8 images"), "{table}");
+        assert!(!table.contains("int8 note"), "{table}"); // AP 0.005 below float32
+        let worse = Headline { ap: 0.48, ..int8 };
+        let q = Int8Column::new(worse, &float32, Some(&pytorch), "c".into());
+        assert!(q.note.contains("INT8 AP is -0.0200 from float32"), "{}", q.note);
         let back: Comparison = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
     }
