@@ -6,6 +6,7 @@
 
 mod common;
 use common::*;
+use mkonnx::eval::latency::{TIMED_IMAGES, WARMUP_IMAGES};
 use mkonnx::eval::parity::{compare, ONNX_TOLERANCE};
 use mkonnx::runtime::Detections;
 use serde_json::Value;
@@ -55,16 +56,17 @@ fn ds_name() -> String {
 
 /// Where a fixture architecture's INT8 AP cannot get within 0.01 of float32, the bound the
 /// test holds it to instead, and why. mobilenet_v3_large_fpn measured -0.0112 with the
-/// default calibration (min-max, 64 images; the same with 32), -0.014 with 8, -0.020 with
-/// percentile: one scale per activation tensor fits MobileNetV3's hard-swish /
+/// default calibration (min-max, all 14 images), -0.014 with 8, -0.020 with percentile: one scale per activation tensor fits MobileNetV3's hard-swish /
 /// squeeze-excitation layers worst (leaving all activations float32 recovered float32's AP:
 /// weights are not the problem). The comparison says so in its INT8 note.
 const BEYOND_BUDGET: [(&str, f64); 1] = [("mobilenet_v3_large_fpn", 0.015)];
 
 /// (a) On every fixture architecture the INT8 model's AP is within 0.01 of the float32
 /// model's on the fixture dataset (or within its [`BEYOND_BUDGET`] bound, with the
-/// comparison's note saying why), calibrated as by default (64 images: 8 were measured too
-/// few, the ResNet-50 fixture came out 0.014 below float32 with 8, 0.002 above with 64).
+/// comparison's note saying why), calibrated as by default (up to 64 images: all 14 of the
+/// fixture dataset; with 8 the ResNet-50 fixture came out 0.014 below float32, with 14 0.002
+/// above). The fixture dataset is small (14 images), so one detection moved across an IoU
+/// threshold moves AP75 by ~0.01: these bounds are about as tight as the data can tell.
 /// The PyTorch side is the reference eval app's own evaluation (kept with the run), so
 /// libtorch does not run here.
 #[test]
@@ -244,12 +246,17 @@ fn a_new_calibration_set_reruns_only_the_int8_stages_and_latency_is_reported() {
     let cmp: Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("onnx_model/comparison.json")).unwrap()).unwrap();
     let cpus = std::thread::available_parallelism().unwrap().get();
     let threads = (cpus / 2).max(1) as u64;
+    let dataset_images = mkonnx::data::dataset::Dataset::load(&eval_dataset()).unwrap().images.len();
     let mut medians = BTreeMap::new();
     for model in ["pytorch", "onnx", "int8"] {
         let l = &cmp["latency"][model];
         let (median, p95) = (l["median_ms"].as_f64().unwrap(), l["p95_ms"].as_f64().unwrap());
         assert!(median > 0.1 && median < 60_000.0 && p95 >= median, "{model}: {l:#}");
-        assert_eq!((l["images"].as_u64(), l["warmup_images"].as_u64(), l["threads"].as_u64()), (Some(20), Some(3), Some(threads)), "{l:#}");
+        assert_eq!(
+            (l["images"].as_u64(), l["warmup_images"].as_u64(), l["threads"].as_u64()),
+            (Some(TIMED_IMAGES.min(dataset_images) as u64), Some(WARMUP_IMAGES.min(dataset_images) as u64), Some(threads)),
+            "{l:#}"
+        );
         assert!(!l["measured"].as_str().unwrap().is_empty());
         medians.insert(model, median);
     }
