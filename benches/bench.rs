@@ -441,7 +441,7 @@ fn int8_section(t: &Path, row: &mut dyn FnMut(&str, String, String, String)) {
         format!("{:.2}x faster (target 1.5x)", ms("onnx") / ms("int8")),
     );
     row(
-        "INT8 vs float32 AP resnet50_fpn (mkonnx, 64 calibration images)",
+        "INT8 vs float32 AP resnet50_fpn (mkonnx, default calibration: min-max, up to 64 images)",
         format!("{int8_ap:.4}"),
         format!("{float_ap:.4}"),
         format!("{:+.4}", int8_ap - float_ap),
