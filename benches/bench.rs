@@ -103,7 +103,7 @@ fn main() {
     }
     // `make bench ONLY="convert noop"` (or `cargo bench --bench bench -- convert`) runs the
     // sections whose names contain one of the words: convert, ort, libtorch, coco, eval,
-    // noop, fleet, jobs, remote.
+    // noop, fleet, jobs, remote, int8.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let tmp = tempfile::tempdir().unwrap();
@@ -395,7 +395,7 @@ fn main() {
         );
     }
 
-    // 9. A shared remote store: 20 runs (distinct keys: each its own box_detections_per_img)
+    // 8. A shared remote store: 20 runs (distinct keys: each its own box_detections_per_img)
     // built on "machine A" (store A, conversion + parity) with a remote on moto_server, then
     // the same runs (copies at the same relative paths) on "machine B": an empty store B, the
     // same remote. Peers: A's time, and a plain download of every object under the remote's
@@ -465,10 +465,103 @@ fn main() {
         );
     }
 
+    // 9. INT8 on the ResNet-50 fixture: mkonnx's INT8 model (default 64 calibration images,
+    // min-max) against the float32 model in ONNX Runtime (default optimizations, the same
+    // images and thread count, measured by the evaluations' latency protocol), and against
+    // `onnxruntime.quantization.quantize_static` (QDQ, per channel, the same float32 model
+    // and calibration images; benches/int8_peer.py): AP and ms/image side by side.
+    if wanted("int8") {
+        int8_section(t, &mut row);
+    }
+
     let out = repo().join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("results.md"), md.join("\n") + "\n").unwrap();
     println!("\nwritten to {}", out.join("results.md").display());
+}
+
+/// The `int8` section (see its comment in `main`).
+fn int8_section(t: &Path, row: &mut dyn FnMut(&str, String, String, String)) {
+    let run = runs().into_iter().find(|r| r["name"] == "resnet50_fpn").unwrap();
+    let src = fixtures().join(run["run_dir"].as_str().unwrap());
+    let dir = t.join("int8-run");
+    copy_run(&src, &dir);
+    // The reference eval app's own evaluation is the PyTorch side: libtorch does not run.
+    let user_eval = fixtures().join(run["eval_dir"].as_str().unwrap());
+    let user_eval_copy = dir.join(user_eval.file_name().unwrap());
+    std::fs::create_dir_all(&user_eval_copy).unwrap();
+    for e in std::fs::read_dir(&user_eval).unwrap().map(|e| e.unwrap()).filter(|e| e.path().is_file()) {
+        std::fs::copy(e.path(), user_eval_copy.join(e.file_name())).unwrap();
+    }
+    // As many jobs as CPUs: one intra-op thread per stage.
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string();
+    let (build, _) = time_process(
+        &mut || {
+            let mut c = Command::new(mkonnx_bin());
+            c.args(["build", dir.to_str().unwrap(), "--dataset-dir", dataset().to_str().unwrap(), "--evaluate-converted-model"])
+                .args(["--quantize", "int8", "--no-parity-check", "--visualizations", "0", "--quiet", "-j", &cpus])
+                .env("MKONNX_STORE", t.join("store-int8"));
+            c
+        },
+        1,
+    );
+    let cmp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("onnx_model/comparison.json")).unwrap()).unwrap();
+    let ms = |model: &str| cmp["latency"][model]["median_ms"].as_f64().unwrap_or(f64::NAN);
+    let threads = cmp["latency"]["int8"]["threads"].as_u64().unwrap_or(1).to_string();
+    let (float_ap, int8_ap) = (cmp["onnx"]["AP"].as_f64().unwrap(), cmp["int8"]["headline"]["AP"].as_f64().unwrap());
+    println!("  (mkonnx build with --quantize int8 and evaluation of float32 and INT8: {:.0} s)", build.as_secs_f64());
+    row(
+        &format!("INT8 vs float32 ms/image resnet50_fpn (ORT, {threads} thread; in mkonnx's evaluations)"),
+        format!("{:.1} ms", ms("int8")),
+        format!("{:.1} ms", ms("onnx")),
+        format!("{:.2}x faster (target 1.5x)", ms("onnx") / ms("int8")),
+    );
+    row(
+        "INT8 vs float32 AP resnet50_fpn (mkonnx, default calibration: min-max, up to 64 images)",
+        format!("{int8_ap:.4}"),
+        format!("{float_ap:.4}"),
+        format!("{:+.4}", int8_ap - float_ap),
+    );
+
+    let ds_name = dataset().file_name().unwrap().to_string_lossy().into_owned();
+    let gt = dir.join(format!("eval_{ds_name}_model_onnx/ground_truth_coco.json"));
+    let peer_dir = t.join("int8-peer");
+    let (_, out) = time_process(
+        &mut || {
+            let mut c = Command::new(python());
+            c.arg(repo().join("benches/int8_peer.py"))
+                .arg(dir.join("onnx_model/model.onnx"))
+                .arg(dataset())
+                .arg(&gt)
+                .arg(mkonnx::stages::quantize::DEFAULT_CALIBRATION_IMAGES.to_string())
+                .arg(&threads)
+                .arg(&peer_dir)
+                .arg(dir.join("onnx_model/model.int8.onnx"));
+            c
+        },
+        1,
+    );
+    let peer = last_json(&out);
+    let peer_ms = |model: &str| peer["ms"][model][0].as_f64().unwrap_or(f64::NAN);
+    let peer_ap = peer["ap"]["quantize_static"]["AP"].as_f64().unwrap_or(f64::NAN);
+    row(
+        &format!("INT8 vs float32 ms/image resnet50_fpn (ORT, {threads} thread; one Python process)"),
+        format!("{:.1} ms", peer_ms("mkonnx_int8")),
+        format!("{:.1} ms", peer_ms("float32")),
+        format!("{:.2}x faster", peer_ms("float32") / peer_ms("mkonnx_int8")),
+    );
+    row(
+        "INT8 ms/image resnet50_fpn, mkonnx vs quantize_static (QDQ, per channel)",
+        format!("{:.1} ms", peer_ms("mkonnx_int8")),
+        format!("{:.1} ms", peer_ms("quantize_static")),
+        format!("{:.2}x faster", peer_ms("quantize_static") / peer_ms("mkonnx_int8")),
+    );
+    row(
+        "INT8 AP resnet50_fpn, mkonnx vs quantize_static (same calibration images)",
+        format!("{int8_ap:.4}"),
+        format!("{peer_ap:.4}"),
+        format!("{:+.4} (float32 {float_ap:.4})", int8_ap - peer_ap),
+    );
 }
 
 /// Our libtorch runner as the stages use it: the `mkonnx-torch` process, images sent over

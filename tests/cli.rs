@@ -92,6 +92,10 @@ fn help_explains_the_commands_and_options() {
         "--dry-run",
         "--force",
         "--json",
+        "--quantize",
+        "--calibration-dir",
+        "--calibration-images",
+        "--calibration-method",
     ] {
         assert!(out.contains(s), "build help lacks {s}: {out}");
     }

@@ -266,6 +266,7 @@ fn a_build_from_other_sources_reruns_the_export() {
         threads: 1,
         visualizations: 0,
         vis_score_thresh: 0.3,
+        int8: None,
     };
     let (graph, planned) = plan(&req);
     let export = graph.find_stage("export_onnx")[0];

@@ -252,6 +252,28 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             Device::Cuda
         }
     };
+    let int8 = match a.quantize {
+        Some(args::QuantizeArg::Int8) => {
+            let settings = crate::stages::quantize::CalibrationSettings {
+                method: a.calibration_method,
+                images: a.calibration_images,
+                source: match (&a.calibration_dir, &dataset) {
+                    (Some(dir), _) => format!("calibration directory {}", dir_name(dir)),
+                    (None, Some(ds)) => format!("the evaluation dataset {}", ds.name),
+                    (None, None) => unreachable!("validate() asks for one of them"),
+                },
+                from_evaluation_set: a.calibration_dir.is_none(),
+            };
+            let images = match &dataset {
+                Some(ds) => crate::stages::quantize::calibration_images(a.calibration_dir.as_deref(), ds, a.calibration_images)?,
+                None => {
+                    crate::stages::quantize::calibration_images_in(a.calibration_dir.as_deref().expect("validated"), a.calibration_images)?
+                }
+            };
+            Some(crate::stages::Int8Request { settings, images })
+        }
+        None => None,
+    };
     let req = BuildRequest {
         runs: runs.iter().map(|(_, r)| r.clone()).collect(),
         dataset,
@@ -263,6 +285,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         threads,
         visualizations: a.visualizations,
         vis_score_thresh: a.vis_score_thresh,
+        int8,
     };
     let (graph, planned) = plan(&req);
     for (p, (dir, _)) in planned.iter().zip(&runs) {
@@ -432,6 +455,14 @@ fn report_command(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     let rows = report::report_rows(&engine, &runs, a.checkpoint_path.as_deref())?;
     out_raw!("{}", report::render(&rows, a.format));
     Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A directory's base name, for messages and keys (never its absolute path).
+fn dir_name(dir: &Path) -> String {
+    std::path::absolute(dir)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
 }
 
 /// One word per outcome, for `--json`.

@@ -59,6 +59,24 @@ pub struct RunRow {
     pub onnx_ap: Option<f64>,
     /// The comparison's overall verdict (excellent, good, warning).
     pub verdict: Option<String>,
+    /// COCO AP of the INT8 model (`--quantize int8`).
+    #[serde(default)]
+    pub int8_ap: Option<f64>,
+    /// The INT8 column's overall verdict (against PyTorch, same tiers).
+    #[serde(default)]
+    pub int8_verdict: Option<String>,
+    /// Median latency per image of the PyTorch model (libtorch), in ms.
+    #[serde(default)]
+    pub pytorch_ms: Option<f64>,
+    /// Median latency per image of the ONNX float32 model (ONNX Runtime, default optimizations), in ms.
+    #[serde(default)]
+    pub onnx_ms: Option<f64>,
+    /// Median latency per image of the INT8 model, in ms.
+    #[serde(default)]
+    pub int8_ms: Option<f64>,
+    /// Intra-op threads the latencies were measured with.
+    #[serde(default)]
+    pub latency_threads: Option<usize>,
     /// Seconds its stages ran in that build (a stage shared by runs counts for each).
     pub seconds: f64,
     /// Why it failed: the first failed stage and its error.
@@ -86,6 +104,12 @@ impl RunRow {
             pytorch_ap: None,
             onnx_ap: None,
             verdict: None,
+            int8_ap: None,
+            int8_verdict: None,
+            pytorch_ms: None,
+            onnx_ms: None,
+            int8_ms: None,
+            latency_threads: None,
             seconds: 0.0,
             error: Some(error),
             checkpoint_hash: None,
@@ -176,6 +200,7 @@ pub fn build_row(
         model.file_hashes.iter().find(|(n, _)| n == name).map(|(_, h)| h.to_hex())
     };
     let Outputs { info, parity, comparison, published } = outputs.get();
+    let latency = comparison.as_ref().map(|c| &c.latency);
     RunRow {
         run: run.to_string(),
         architecture: info.as_ref().map(|i| i.arch.to_string()),
@@ -190,6 +215,12 @@ pub fn build_row(
         pytorch_ap: comparison.as_ref().and_then(|c| c.pytorch.as_ref().map(|p| p.ap)),
         onnx_ap: comparison.as_ref().map(|c| c.onnx.ap),
         verdict: comparison.as_ref().and_then(|c| c.overall).map(|v| format!("{v:?}").to_lowercase()),
+        int8_ap: comparison.as_ref().and_then(|c| c.int8.as_ref()).map(|q| q.headline.ap),
+        int8_verdict: comparison.as_ref().and_then(|c| c.int8.as_ref()).map(|q| format!("{:?}", q.overall).to_lowercase()),
+        pytorch_ms: latency.and_then(|l| l.pytorch.as_ref()).map(|l| l.median_ms),
+        onnx_ms: latency.and_then(|l| l.onnx.as_ref()).map(|l| l.median_ms),
+        int8_ms: latency.and_then(|l| l.int8.as_ref()).map(|l| l.median_ms),
+        latency_threads: latency.and_then(|l| [&l.onnx, &l.pytorch, &l.int8].into_iter().flatten().next()).map(|l| l.threads),
         seconds,
         error,
         checkpoint_hash: input_hash("checkpoint"),
@@ -273,11 +304,31 @@ pub enum Format {
     Json,
 }
 
-const HEADERS: [&str; 10] = ["run", "architecture", "result", "built", "fresh", "PyTorch AP", "ONNX AP", "verdict", "time", "error"];
+const HEADERS: [&str; 15] = [
+    "run",
+    "architecture",
+    "result",
+    "built",
+    "fresh",
+    "PyTorch AP",
+    "ONNX AP",
+    "verdict",
+    "INT8 AP",
+    "INT8 verdict",
+    "PyTorch ms",
+    "ONNX ms",
+    "INT8 ms",
+    "time",
+    "error",
+];
+
+/// The columns printed right-aligned (numbers).
+const NUMERIC: [&str; 9] = ["built", "fresh", "PyTorch AP", "ONNX AP", "INT8 AP", "PyTorch ms", "ONNX ms", "INT8 ms", "time"];
 
 /// The cells of a row, as text (the error's first line only).
-fn cells(row: &RunRow) -> [String; 10] {
+fn cells(row: &RunRow) -> [String; 15] {
     let ap = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     let mut result = row.result.word().to_string();
     if let Some(p) = row.parity.as_deref().filter(|p| *p != "OK") {
         let _ = write!(result, " (parity {p})");
@@ -291,6 +342,11 @@ fn cells(row: &RunRow) -> [String; 10] {
         ap(row.pytorch_ap),
         ap(row.onnx_ap),
         row.verdict.clone().unwrap_or_else(|| "-".into()),
+        ap(row.int8_ap),
+        row.int8_verdict.clone().unwrap_or_else(|| "-".into()),
+        ms(row.pytorch_ms),
+        ms(row.onnx_ms),
+        ms(row.int8_ms),
         format!("{:.1}s", row.seconds),
         row.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("").to_string(),
     ]
@@ -304,8 +360,11 @@ pub fn all_ok(rows: &[RunRow]) -> bool {
 /// The report in `format`.
 pub fn render(rows: &[RunRow], format: Format) -> String {
     let ok = rows.iter().filter(|r| r.result == RunResult::Ok).count();
-    let footer = format!("{ok} of {} run(s) ok", rows.len());
-    let table: Vec<[String; 10]> = rows.iter().map(cells).collect();
+    let mut footer = format!("{ok} of {} run(s) ok", rows.len());
+    if let Some(threads) = rows.iter().find_map(|r| r.latency_threads) {
+        let _ = write!(footer, "; ms = median latency per image after warm-up, {threads} intra-op thread(s)");
+    }
+    let table: Vec<[String; 15]> = rows.iter().map(cells).collect();
     match format {
         Format::Json => {
             let json = serde_json::json!({ "ok": all_ok(rows), "runs": rows });
@@ -314,10 +373,7 @@ pub fn render(rows: &[RunRow], format: Format) -> String {
         Format::Markdown => {
             let line = |c: &[String]| format!("| {} |\n", c.iter().map(|s| s.replace('|', "\\|")).collect::<Vec<_>>().join(" | "));
             let mut out = line(&HEADERS.map(String::from));
-            out += &line(
-                &HEADERS
-                    .map(|h| if matches!(h, "built" | "fresh" | "PyTorch AP" | "ONNX AP" | "time") { "---:" } else { "---" }.to_string()),
-            );
+            out += &line(&HEADERS.map(|h| if NUMERIC.contains(&h) { "---:" } else { "---" }.to_string()));
             for c in &table {
                 out += &line(c);
             }
@@ -336,7 +392,7 @@ pub fn render(rows: &[RunRow], format: Format) -> String {
                     let pad = widths[i].saturating_sub(cell.chars().count());
                     if i == c.len() - 1 {
                         s += cell;
-                    } else if (3..=8).contains(&i) {
+                    } else if NUMERIC.contains(&HEADERS[i]) {
                         let _ = write!(s, "{}{cell}  ", " ".repeat(pad));
                     } else {
                         let _ = write!(s, "{cell}{}  ", " ".repeat(pad));
@@ -364,6 +420,8 @@ mod tests {
             r.error = None;
             r.architecture = Some("fasterrcnn_resnet50_fpn".into());
             (r.pytorch_ap, r.onnx_ap, r.verdict) = (Some(0.37731), Some(0.37729), Some("excellent".into()));
+            (r.int8_ap, r.int8_verdict) = (Some(0.37012), Some("good".into()));
+            (r.pytorch_ms, r.onnx_ms, r.int8_ms, r.latency_threads) = (Some(412.25), Some(301.5), Some(190.04), Some(1));
         }
         r
     }
@@ -375,9 +433,11 @@ mod tests {
         assert!(text.starts_with("run "), "{text}");
         assert!(text.contains("fasterrcnn_resnet50_fpn") && text.contains("0.3773") && text.contains("excellent"), "{text}");
         assert!(text.contains("FAILED") && text.contains("resolve_model: bad | config") && !text.contains("second line"), "{text}");
-        assert!(text.ends_with("1 of 2 run(s) ok\n"), "{text}");
+        assert!(text.contains("0.3701") && text.contains("412.2") && text.contains("190.0"), "{text}");
+        assert!(text.ends_with("1 of 2 run(s) ok; ms = median latency per image after warm-up, 1 intra-op thread(s)\n"), "{text}");
         let md = render(&rows, Format::Markdown);
         assert!(md.starts_with("| run | architecture |") && md.contains("| --- |") && md.contains("bad \\| config"), "{md}");
+        assert!(md.contains("| INT8 AP | INT8 verdict | PyTorch ms | ONNX ms | INT8 ms |") && md.contains("| 301.5 |"), "{md}");
         let json: serde_json::Value = serde_json::from_str(&render(&rows, Format::Json)).unwrap();
         assert_eq!(json["ok"], false);
         assert_eq!(json["runs"][1]["result"], "failed");

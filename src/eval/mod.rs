@@ -3,5 +3,6 @@
 
 pub mod coco;
 pub mod compare;
+pub mod latency;
 pub mod parity;
 pub mod visualize;

@@ -56,6 +56,18 @@ pub trait Backend {
     fn flatten(&mut self, x: &Self::Tensor) -> Self::Tensor;
 }
 
+/// State_dict prefixes of the layers that INT8 quantization covers (`src/onnx/quantize.rs`):
+/// the backbone (body and FPN), the RPN head and the box head, as addressed by the builders
+/// below. The box predictor and the detection logic around the network (anchors, box
+/// decoding, NMS, RoIAlign, post-processing) stay float32.
+pub const QUANTIZED_LAYER_PREFIXES: [&str; 3] = ["backbone.", "rpn.head.", "roi_heads.box_head."];
+
+/// Layers under [`QUANTIZED_LAYER_PREFIXES`] that stay float32 all the same: the RPN head's
+/// output convolutions, whose objectness logits and box deltas go straight into the top-n
+/// cut and anchor decoding. Measured on the ResNet-50 fixture (min-max, its 14 images): with
+/// them quantized INT8 AP was 0.025 below float32, without them 0.002 above.
+pub const FLOAT_LAYERS: [&str; 2] = ["rpn.head.cls_logits", "rpn.head.bbox_pred"];
+
 /// Activation after a conv-norm layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Activation {

@@ -4,6 +4,7 @@ pub mod builder;
 pub mod export;
 pub mod ops;
 pub mod proto;
+pub mod quantize;
 
 pub use export::export;
 

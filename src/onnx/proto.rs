@@ -128,6 +128,7 @@ pub enum DataType {
     Undefined = 0,
     Float = 1,
     Uint8 = 2,
+    Int8 = 3,
     Int32 = 6,
     Int64 = 7,
     Bool = 9,

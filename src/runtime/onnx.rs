@@ -26,31 +26,73 @@ fn environment() -> Result<&'static ort::environment::Environment, RuntimeError>
         .map_err(|e| RuntimeError::OnnxRuntime(e.clone()))
 }
 
+/// How ONNX Runtime may rewrite the graph before running it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimization {
+    /// No graph optimizations: what evaluations and parity checks of the float32 model use.
+    ///
+    /// ONNX Runtime's fusions (Conv+BatchNorm folding, NCHWc kernels) round differently from
+    /// PyTorch's separate ops, enough to swap near-tie RPN proposals at the top-1000 cut and
+    /// so flip a detection (measured on the trained ResNet-50 fixtures: one detection of 98,
+    /// and one extra at score 0.064). Unfused, results equal eager's; the cost measured here
+    /// is ~4-9% of inference time.
+    Parity,
+    /// ONNX Runtime's default (every graph optimization level enabled): the model as a user
+    /// deploys it. Latency is measured this way, and INT8 models run this way, since only
+    /// the optimizer turns their QuantizeLinear/DequantizeLinear pairs into integer kernels.
+    Deployed,
+}
+
 /// An ONNX Runtime session on an mkonnx model (`input` → `location`, `score`, `category`).
 pub struct OnnxDetector {
     session: Mutex<Session>,
 }
 
+/// An ONNX Runtime session on `model` (a file, or the model's bytes) with `threads` intra-op
+/// threads; errors name `label`.
+fn session(model: ModelSource<'_>, label: &Path, threads: usize, optimization: Optimization) -> Result<Session, RuntimeError> {
+    let env = environment()?;
+    let err = |e: String| RuntimeError::OnnxRuntime(format!("{}: {e}", label.display()));
+    let level = match optimization {
+        Optimization::Parity => GraphOptimizationLevel::Disable,
+        Optimization::Deployed => GraphOptimizationLevel::All,
+    };
+    let mut builder = Session::builder(env)
+        .map_err(|e| err(e.to_string()))?
+        .with_optimization_level(level)
+        .map_err(|e| err(e.to_string()))?
+        .with_intra_threads(threads.max(1))
+        .map_err(|e| err(e.to_string()))?;
+    match model {
+        ModelSource::File(path) => builder.commit_from_file(path),
+        ModelSource::Bytes(bytes) => builder.commit_from_memory(bytes),
+    }
+    .map_err(|e| err(e.to_string()))
+}
+
+/// Where a session's model comes from.
+enum ModelSource<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
 impl OnnxDetector {
-    /// Loads `model` with `threads` intra-op threads.
-    ///
-    /// Graph optimizations are off: ONNX Runtime's fusions (Conv+BatchNorm folding, NCHWc
-    /// kernels) round differently from PyTorch's separate ops, enough to swap near-tie RPN
-    /// proposals at the top-1000 cut and so flip a detection (measured on the trained ResNet-50
-    /// fixtures: one detection of 98, and one extra at score 0.064). Unfused, results equal
-    /// eager's; the cost measured here is ~4-9% of inference time.
+    /// Loads `model` with `threads` intra-op threads and graph optimizations off (see
+    /// [`Optimization::Parity`]).
     pub fn load(model: &Path, threads: usize) -> Result<OnnxDetector, RuntimeError> {
-        let env = environment()?;
-        let err = |e: String| RuntimeError::OnnxRuntime(format!("{}: {e}", model.display()));
-        let session = Session::builder(env)
-            .map_err(|e| err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Disable)
-            .map_err(|e| err(e.to_string()))?
-            .with_intra_threads(threads.max(1))
-            .map_err(|e| err(e.to_string()))?
-            .commit_from_file(model)
-            .map_err(|e| err(e.to_string()))?;
-        Ok(OnnxDetector { session: Mutex::new(session) })
+        Self::load_with(model, threads, Optimization::Parity)
+    }
+
+    /// Loads `model` with `threads` intra-op threads and the given graph optimizations.
+    pub fn load_with(model: &Path, threads: usize, optimization: Optimization) -> Result<OnnxDetector, RuntimeError> {
+        Ok(OnnxDetector { session: Mutex::new(session(ModelSource::File(model), model, threads, optimization)?) })
+    }
+
+    /// Runs one batch and returns its wall time (for latency; the detections are dropped).
+    pub fn time(&self, batch: &ImageBatch) -> anyhow::Result<std::time::Duration> {
+        let start = std::time::Instant::now();
+        self.detect(batch)?;
+        Ok(start.elapsed())
     }
 
     /// Runs one batch of same-size images; returns each image's detections in pixels.
@@ -82,4 +124,30 @@ impl OnnxDetector {
             })
             .collect())
     }
+}
+
+/// Runs the model `model` (its bytes; `label` names it in errors) on each image, one at a
+/// time, with graph optimizations off and `threads` intra-op threads, and hands every
+/// tensor named in `tensors` (which must be float32 graph outputs of the model) to `visit`
+/// as (index in `tensors`, values). What calibration of an INT8 model uses.
+pub fn visit_tensors(
+    model: &[u8],
+    label: &Path,
+    threads: usize,
+    images: &mut dyn Iterator<Item = Result<super::RgbImage, RuntimeError>>,
+    tensors: &[String],
+    visit: &mut dyn FnMut(usize, &[f32]),
+) -> Result<(), RuntimeError> {
+    let mut session = session(ModelSource::Bytes(model), label, threads, Optimization::Parity)?;
+    let ext = |e: ort::Error| RuntimeError::OnnxRuntime(format!("{}: {e}", label.display()));
+    for image in images {
+        let image = image?;
+        let input = Tensor::from_array(([1, 3, image.height, image.width], image.chw)).map_err(ext)?;
+        let outputs = session.run(ort::inputs!["input" => input]).map_err(ext)?;
+        for (i, name) in tensors.iter().enumerate() {
+            let (_, values) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(ext)?;
+            visit(i, values);
+        }
+    }
+    Ok(())
 }

@@ -134,8 +134,15 @@ pub enum Reply {
         /// The runner's build identity.
         identity: String,
     },
-    /// One entry per image of the batch.
-    Detections(Vec<Detections>),
+    /// One entry per image of the batch, and how long the model took on it inside the
+    /// runner (libtorch's compute only: not the pipe, the JSON, or the image conversion),
+    /// which is what latency reports for PyTorch.
+    Detections {
+        /// One entry per image.
+        detections: Vec<Detections>,
+        /// Seconds the model ran on the batch.
+        compute_seconds: f64,
+    },
     /// What went wrong; the runner stays usable for the next batch when it can.
     Error(String),
 }
@@ -254,6 +261,11 @@ impl PytorchRunner {
 
     /// `model(images)` for one batch: one [`Detections`] per image, at the original size.
     pub fn detect(&mut self, batch: &ImageBatch) -> Result<Vec<Detections>, PytorchError> {
+        Ok(self.detect_timed(batch)?.0)
+    }
+
+    /// [`Self::detect`], with the time the model took inside the runner.
+    pub fn detect_timed(&mut self, batch: &ImageBatch) -> Result<(Vec<Detections>, std::time::Duration), PytorchError> {
         let header = BatchHeader { len: batch.len, height: batch.height, width: batch.width };
         if batch.data.len() != header.values() {
             return Err(PytorchError::Runner(format!(
@@ -270,7 +282,9 @@ impl PytorchRunner {
             w.write_all(bytemuck::cast_slice(&batch.data))
         })?;
         match self.receive()? {
-            Reply::Detections(d) if d.len() == batch.len => Ok(d),
+            Reply::Detections { detections, compute_seconds } if detections.len() == batch.len => {
+                Ok((detections, std::time::Duration::try_from_secs_f64(compute_seconds).unwrap_or_default()))
+            }
             Reply::Error(e) => Err(PytorchError::Runner(e)),
             other => Err(self.protocol_error(&format!("expected {} detections, got {other:?}", batch.len))),
         }
@@ -336,13 +350,14 @@ mod tests {
     fn messages_round_trip_with_exact_floats() {
         let det = Detections { boxes: vec![[0.1, 1.0 / 3.0, f32::MAX, 7.25]], scores: vec![0.999_999_9], labels: vec![3] };
         let mut buf = Vec::new();
-        write_message(&mut buf, &Reply::Detections(vec![det.clone(), Detections::default()])).unwrap();
+        let reply = Reply::Detections { detections: vec![det, Detections::default()], compute_seconds: 0.25 };
+        write_message(&mut buf, &reply).unwrap();
         write_message(&mut buf, &Reply::Ready { identity: "x".into() }).unwrap();
         let header = BatchHeader { len: 2, height: 1, width: 2 };
         write_message(&mut buf, &header).unwrap();
         buf.extend_from_slice(bytemuck::cast_slice(&[0.5f32; 12]));
         let mut input = std::io::Cursor::new(buf);
-        assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(Reply::Detections(vec![det, Detections::default()])));
+        assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(reply));
         assert_eq!(read_message::<Reply>(&mut input).unwrap(), Some(Reply::Ready { identity: "x".into() }));
         let h: BatchHeader = read_message(&mut input).unwrap().unwrap();
         assert_eq!(read_batch_data(&mut input, &h).unwrap(), vec![0.5f32; 12]);

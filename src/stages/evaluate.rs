@@ -5,7 +5,9 @@ use super::convert::{read_json, ModelInfo};
 use crate::data::dataset::Dataset;
 use crate::engine::{Stage, StageContext};
 use crate::eval::coco::{self, CocoAnnotation, CocoCategory, CocoDetection, CocoGroundTruth, CocoImage, CocoMetrics};
-use crate::eval::compare::{Comparison, DatasetCheck, Headline};
+use crate::eval::compare::{Comparison, DatasetCheck, Headline, Int8Column, LatencyColumns};
+use crate::eval::latency::Latency;
+use crate::runtime::onnx::{OnnxDetector, Optimization};
 use crate::runtime::{Detections, ImageBatch, RgbImage};
 use anyhow::Context;
 use rayon::prelude::*;
@@ -126,10 +128,26 @@ pub struct MetricsFile {
     /// Who produced the file; mkonnx's own PyTorch evaluations say `mkonnx`, which tells them
     /// apart from a user's evaluation in the same directory.
     pub producer: String,
+    /// Per-image latency of the model as deployed (see [`crate::eval::latency`]). A
+    /// measurement: it differs between two runs of the stage, unlike everything else here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
+}
+
+/// How an evaluation times its model for [`MetricsFile::latency`] (the protocol is
+/// [`crate::eval::latency`]'s).
+pub struct LatencyProbe<'a> {
+    /// Intra-op threads of the runtime.
+    pub threads: usize,
+    /// What is timed: runtime, settings, what the time includes.
+    pub measured: String,
+    /// Runs one batch and says how long the model took.
+    pub run: &'a mut dyn FnMut(&ImageBatch) -> anyhow::Result<std::time::Duration>,
 }
 
 /// Runs `detect` over the dataset and writes `<prefix>_metrics.json`,
-/// `<prefix>_predictions.json`, `ground_truth_coco.json` and `visualizations/`.
+/// `<prefix>_predictions.json`, `ground_truth_coco.json` and `visualizations/`; with a
+/// `latency` probe, times the model on single images afterwards.
 pub fn evaluate_dataset(
     ctx: &mut StageContext<'_>,
     prefix: &str,
@@ -137,6 +155,7 @@ pub fn evaluate_dataset(
     visualizations: usize,
     vis_score_thresh: f32,
     detect: &(dyn Fn(&ImageBatch) -> anyhow::Result<Vec<Detections>> + Sync),
+    latency: Option<LatencyProbe<'_>>,
 ) -> anyhow::Result<()> {
     let ds = dataset_of(ctx)?;
     ds.check_labels(info.params.num_classes)?;
@@ -178,7 +197,14 @@ pub fn evaluate_dataset(
         }
     }
     let metrics = coco::evaluate(&gt, &predictions)?;
-    let file = MetricsFile { metrics, model: prefix.into(), dataset, producer: "mkonnx".into() };
+    let latency = match latency {
+        Some(probe) => Some(
+            crate::eval::latency::measure(&images, probe.threads, &probe.measured, probe.run)
+                .with_context(|| format!("timing the {prefix} model"))?,
+        ),
+        None => None,
+    };
+    let file = MetricsFile { metrics, model: prefix.into(), dataset, producer: "mkonnx".into(), latency };
     ctx.write_output(&format!("{prefix}_metrics.json"), serde_json::to_vec_pretty(&file)?)?;
     ctx.write_output(&format!("{prefix}_predictions.json"), serde_json::to_vec(&predictions)?)?;
     ctx.write_output("ground_truth_coco.json", &gt_bytes)?;
@@ -203,7 +229,13 @@ pub fn evaluate_dataset(
 /// Images run together when they have the same size.
 const MAX_BATCH: usize = 4;
 
-/// Stage `evaluate_onnx`: the ONNX model in ONNX Runtime over the dataset.
+/// What ONNX latency measures (see [`crate::eval::latency`]).
+pub const ONNX_LATENCY: &str =
+    "ONNX Runtime, default graph optimizations (as deployed), CPU; wall time of one run call incl. input/output copies";
+
+/// Stage `evaluate_onnx`: the ONNX model in ONNX Runtime over the dataset; metrics from a
+/// session without graph optimizations (parity with PyTorch), latency from one with ONNX
+/// Runtime's defaults.
 pub struct EvaluateOnnx {
     /// Pictures to draw.
     pub visualizations: usize,
@@ -220,7 +252,7 @@ impl Stage for EvaluateOnnx {
         "evaluate_onnx"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: latency
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh, "threads": self.threads })
@@ -228,8 +260,12 @@ impl Stage for EvaluateOnnx {
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let onnx = ctx.input_artifact("onnx", "model.onnx")?;
-        let detector = crate::runtime::onnx::OnnxDetector::load(&onnx, self.threads)?;
-        evaluate_dataset(ctx, "onnx", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(detector.detect(b)?))
+        let detector = OnnxDetector::load(&onnx, self.threads)?;
+        // The metrics come from the unoptimized session (equal to eager PyTorch); latency
+        // from a second session as a user deploys the model.
+        let deployed = OnnxDetector::load_with(&onnx, self.threads, Optimization::Deployed)?;
+        let probe = LatencyProbe { threads: self.threads, measured: ONNX_LATENCY.into(), run: &mut |b| deployed.time(b) };
+        evaluate_dataset(ctx, "onnx", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
     }
 }
 
@@ -286,7 +322,7 @@ impl Stage for Compare {
         "compare"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: latency, the INT8 column
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "pytorch_source": self.pytorch_source })
@@ -336,7 +372,25 @@ impl Stage for Compare {
                 },
             ),
         };
-        let comparison = Comparison::new(Headline::from_stats(&onnx.metrics.stats), headline, check);
+        let pytorch_latency = if inputs.iter().any(|i| i == "pytorch_eval") {
+            read_json::<MetricsFile>(ctx, "pytorch_eval", "pytorch_metrics.json")?.latency
+        } else {
+            None
+        };
+        let float32 = Headline::from_stats(&onnx.metrics.stats);
+        let mut comparison = Comparison::new(float32, headline, check);
+        comparison.latency = LatencyColumns { pytorch: pytorch_latency, onnx: onnx.latency.clone(), int8: None };
+        if inputs.iter().any(|i| i == "int8_eval") {
+            let int8: MetricsFile = read_json(ctx, "int8_eval", "int8_metrics.json")?;
+            let quantization: super::quantize::QuantizationReport = read_json(ctx, "quantization", "quantization.json")?;
+            comparison.int8 = Some(Int8Column::new(
+                Headline::from_stats(&int8.metrics.stats),
+                &float32,
+                comparison.pytorch.as_ref(),
+                quantization.calibration.statement(),
+            ));
+            comparison.latency.int8 = int8.latency;
+        }
         ctx.write_output("comparison.json", serde_json::to_vec_pretty(&comparison)?)?;
         Ok(())
     }

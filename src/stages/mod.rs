@@ -10,11 +10,15 @@
 //! dataset ─► ground_truth (shared by runs) ─► evaluate_onnx ─┐
 //!                              └──────────► evaluate_pytorch ┴► compare
 //!                                   (or the user's own eval: pytorch_metrics_from_user)
+//! with --quantize int8:
+//! calibration images, export_onnx ─► calibrate ─► quantize (model.int8.onnx)
+//!                                          ground_truth, quantize ─► evaluate_int8 ─► compare
 //! ```
 
 pub mod convert;
 pub mod evaluate;
 pub mod parity;
+pub mod quantize;
 pub mod summary;
 
 use crate::data::dataset::{Dataset, INDEX_FILE};
@@ -48,6 +52,17 @@ pub struct BuildRequest {
     pub visualizations: usize,
     /// Lowest score drawn in visualizations.
     pub vis_score_thresh: f32,
+    /// `--quantize int8`: also build (and, when evaluating, evaluate) an INT8 model.
+    pub int8: Option<Int8Request>,
+}
+
+/// How to make the INT8 model.
+#[derive(Clone, Debug)]
+pub struct Int8Request {
+    /// Method, count and source of the calibration.
+    pub settings: quantize::CalibrationSettings,
+    /// The calibration images, in order (file inputs of `calibrate`).
+    pub images: Vec<PathBuf>,
 }
 
 /// The nodes planned for one run (for reports).
@@ -132,20 +147,44 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         .label(&label)
         .input("onnx", onnx)
         .materialize("model.onnx", onnx_dir.join("model.onnx"));
-    let mut summary =
-        NodeSpec::new(summary::ConversionSummary { checkpoint_name: file_tag_name(run), keep_failed_parity: req.keep_failed_parity })
-            .label(&label)
-            .file("checkpoint", &run.checkpoint)
-            .file("config", &run.config)
-            .input("model", model)
-            .input("onnx", onnx)
-            .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
+    let mut summary = NodeSpec::new(summary::ConversionSummary {
+        checkpoint_name: file_tag_name(run),
+        keep_failed_parity: req.keep_failed_parity,
+        int8_calibration: req.int8.as_ref().map(|q| q.settings.clone()),
+    })
+    .label(&label)
+    .file("checkpoint", &run.checkpoint)
+    .file("config", &run.config)
+    .input("model", model)
+    .input("onnx", onnx)
+    .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
     if let Some(parity) = p.parity {
         publish = publish.input("parity", parity);
         summary = summary.input("parity", parity);
     }
     p.publish = Some(g.add(publish)?);
     g.add(summary)?;
+
+    let int8 = match &req.int8 {
+        Some(q) => {
+            let mut calibrate =
+                NodeSpec::new(quantize::Calibrate { settings: q.settings.clone(), threads: req.threads }).label(&label).input("onnx", onnx);
+            for (i, image) in q.images.iter().enumerate() {
+                calibrate = calibrate.file(quantize::calibration_input_name(i, image), image);
+            }
+            let calibration = g.add(calibrate)?;
+            Some(
+                g.add(
+                    NodeSpec::new(quantize::Quantize)
+                        .label(&label)
+                        .input("onnx", onnx)
+                        .input("calibration", calibration)
+                        .materialize("model.int8.onnx", onnx_dir.join("model.int8.onnx")),
+                )?,
+            )
+        }
+        None => None,
+    };
 
     let (true, Some(ds)) = (req.evaluate, req.dataset.as_ref()) else { return Ok(()) };
     // The ground truth names its categories after the config's classes, so it is shared
@@ -213,6 +252,23 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
                 .input("onnx_eval", onnx_eval)
                 .input("pytorch_eval", pt)
         }
+    };
+    let cmp = match int8 {
+        Some(quantized) => {
+            let int8_eval = g.add(
+                evaluation(
+                    NodeSpec::new(quantize::EvaluateInt8 {
+                        visualizations: req.visualizations,
+                        vis_score_thresh: req.vis_score_thresh,
+                        threads: req.threads,
+                    }),
+                    run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.int8.onnx")))),
+                )
+                .input("int8", quantized),
+            )?;
+            cmp.input("int8_eval", int8_eval).input("quantization", quantized)
+        }
+        None => cmp,
     };
     p.compare = Some(g.add(cmp.materialize("comparison.json", onnx_dir.join("comparison.json")))?);
     Ok(())

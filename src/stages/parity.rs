@@ -3,7 +3,7 @@
 //! has none.
 
 use super::convert::{read_json, ModelInfo};
-use super::evaluate::evaluate_dataset;
+use super::evaluate::{evaluate_dataset, LatencyProbe};
 use super::Device;
 use crate::engine::{Stage, StageContext};
 use crate::eval::parity::{compare, ParityResult, ONNX_TOLERANCE};
@@ -103,7 +103,7 @@ impl Stage for EvaluatePytorch {
         "evaluate_pytorch"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: latency
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
@@ -116,9 +116,13 @@ impl Stage for EvaluatePytorch {
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let runner = std::sync::Mutex::new(start_runner(ctx, &info, self.device, self.threads)?);
-        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| {
-            Ok(runner.lock().map_err(|_| anyhow::anyhow!("PyTorch runner lock poisoned"))?.detect(b)?)
-        })
+        let lock = || runner.lock().map_err(|_| anyhow::anyhow!("PyTorch runner lock poisoned"));
+        let probe = LatencyProbe {
+            threads: self.threads,
+            measured: format!("libtorch (mkonnx-torch runner), {}; model compute inside the runner, no pipe transfer", self.device.name()),
+            run: &mut |b| Ok(lock()?.detect_timed(b)?.1),
+        };
+        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(lock()?.detect(b)?), Some(probe))
     }
 }
 

@@ -11,6 +11,9 @@ pub struct ConversionSummary {
     pub checkpoint_name: String,
     /// Whether a model that failed its parity check is published anyway.
     pub keep_failed_parity: bool,
+    /// With `--quantize int8`: how the INT8 model is calibrated (the settings, not the
+    /// images' content, so that a new calibration set does not rerun the summary).
+    pub int8_calibration: Option<super::quantize::CalibrationSettings>,
 }
 
 impl Stage for ConversionSummary {
@@ -21,7 +24,11 @@ impl Stage for ConversionSummary {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "checkpoint_name": self.checkpoint_name, "keep_failed_parity": self.keep_failed_parity })
+        serde_json::json!({
+            "checkpoint_name": self.checkpoint_name,
+            "keep_failed_parity": self.keep_failed_parity,
+            "int8_calibration": self.int8_calibration,
+        })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
@@ -98,6 +105,16 @@ fn render(
         t,
         "                  category  int64   [batch_size, N]     1-indexed class; rows past an image's count are 0 (score 0)\n"
     );
+    if let Some(c) = &s.int8_calibration {
+        let _ = writeln!(t, "INT8 model");
+        let _ = writeln!(
+            t,
+            "  file            onnx_model/model.int8.onnx (QDQ: per-channel symmetric int8 weights, per-tensor uint8 activations)"
+        );
+        let _ = writeln!(t, "  quantized       Conv/Gemm of the backbone, FPN, RPN head and box head; the rest stays float32");
+        let _ = writeln!(t, "  calibration     {}", c.statement());
+        let _ = writeln!(t, "  run it with     ONNX Runtime's default graph optimizations (they fuse QDQ into integer kernels)\n");
+    }
     let _ = writeln!(t, "Parity with PyTorch (libtorch, same checkpoint)");
     match parity {
         Some(r) if r.passed => {

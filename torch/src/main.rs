@@ -68,7 +68,7 @@ fn serve() -> anyhow::Result<()> {
     while let Some(header) = read_message::<BatchHeader>(&mut input).context("reading a batch header")? {
         let data = read_batch_data(&mut input, &header).context("reading a batch")?;
         let reply = match detect(&detector, &header, &data) {
-            Ok(detections) => Reply::Detections(detections),
+            Ok((detections, compute)) => Reply::Detections { detections, compute_seconds: compute.as_secs_f64() },
             Err(e) => Reply::Error(format!("{e:#}")),
         };
         write_message(&mut output, &reply)?;
@@ -86,9 +86,11 @@ fn load(setup: &RunnerSetup) -> anyhow::Result<TorchDetector> {
     Ok(TorchDetector::new(&detector, device)?)
 }
 
-fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyhow::Result<Vec<Detections>> {
+/// Runs one batch; returns its detections and how long the model took (the conversion of
+/// the received data to tensors is not counted: latency reports the model's time).
+fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyhow::Result<(Vec<Detections>, std::time::Duration)> {
     if header.len == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), std::time::Duration::ZERO));
     }
     if header.height == 0 || header.width == 0 {
         anyhow::bail!("a {}x{} image is empty", header.width, header.height);
@@ -98,7 +100,9 @@ fn detect(detector: &TorchDetector, header: &BatchHeader, data: &[f32]) -> anyho
         .map(|chw| image_from_chw(header.height, header.width, chw))
         .collect::<Result<Vec<_>, _>>()
         .context("batch data")?;
-    Ok(detector.detect(&images)?)
+    let start = std::time::Instant::now();
+    let detections = detector.detect(&images)?;
+    Ok((detections, start.elapsed()))
 }
 
 /// Asks the kernel to kill this process when the `mkonnx` that started it dies (even by
