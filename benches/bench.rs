@@ -7,7 +7,6 @@
 
 // The test helpers, for the moto_server (S3 API on loopback) the `remote` section shares
 // results through.
-#[allow(dead_code, unused_imports)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

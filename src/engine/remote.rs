@@ -562,8 +562,6 @@ impl RemoteStore {
             }
             absorb(&mut block)
         });
-        drop(absorb);
-        let mut file = file;
         file.flush().map_err(|e| EngineError::io("write", &temp, e))?;
         bump(&self.counters.bytes_downloaded, received);
         streamed?;
