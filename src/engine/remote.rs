@@ -814,13 +814,13 @@ impl RemoteStore {
         report
     }
 
-    /// Remote garbage collection, mark and sweep: records older than `max_record_age`
+    /// Remote garbage collection, mark and sweep: records at least `max_record_age` old
     /// (when given) are deleted; then every blob that no remaining record names and that is
-    /// older than `grace` (an upload whose record is not written yet is younger) is deleted.
+    /// at least `grace` old (an upload whose record is not written yet is younger) is deleted.
     /// Returns (records deleted, blobs deleted, bytes freed).
     pub fn gc(&self, max_record_age: Option<Duration>, grace: Duration) -> Result<(usize, usize, u64), RemoteError> {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let older_than = |meta: &object_store::ObjectMeta, age: Duration| now - meta.last_modified.timestamp() > age.as_secs() as i64;
+        let older_than = |meta: &object_store::ObjectMeta, age: Duration| now - meta.last_modified.timestamp() >= age.as_secs() as i64;
         let list = |dir: &str| -> Result<Vec<object_store::ObjectMeta>, RemoteError> {
             let path = self.path(dir);
             self.runtime
