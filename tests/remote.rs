@@ -358,6 +358,19 @@ fn a_dead_endpoint_falls_back_to_local_or_fails_when_required() {
     // A hang check, not a speed test: retries and timeouts are bounded.
     assert!(elapsed.as_secs() < 60, "{elapsed:?}");
 
+    // A server that accepts connections and never answers: the small requests' timeout
+    // (10 s, retries within it) bounds the wait.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = mkonnx_command_for(&mkonnx_binary(), &t.path().join("store-hung"));
+    cmd.env("AWS_ENDPOINT_URL", format!("http://{}", hung.local_addr().unwrap())).env("AWS_ALLOW_HTTP", "true");
+    cmd.env("AWS_REGION", "us-east-1").env("AWS_ACCESS_KEY_ID", "x").env("AWS_SECRET_ACCESS_KEY", "y");
+    cmd.args(["build", a.run.to_str().unwrap(), "--dataset-dir", ds.to_str().unwrap(), "--no-parity-check"]);
+    let started = std::time::Instant::now();
+    let o = cmd.args(["--remote", "s3://nobody/cache", "--remote-required"]).output().unwrap();
+    assert!(!o.status.success() && text(&o).contains("is unavailable"), "{}", text(&o));
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    drop(hung);
+
     let (o, elapsed) = run(&[]);
     assert!(o.status.success(), "{}", text(&o));
     let log = String::from_utf8_lossy(&o.stderr);

@@ -137,7 +137,7 @@ fn open_remote(r: &RemoteArgs) -> anyhow::Result<Option<Arc<RemoteStore>>> {
             RemoteModeArg::Ro => RemoteMode::ReadOnly,
         },
         required: r.remote_required,
-        request_timeout: std::time::Duration::from_secs(r.remote_timeout),
+        transfer_timeout: std::time::Duration::from_secs(r.remote_timeout),
         ..RemoteOptions::default()
     };
     Ok(Some(Arc::new(RemoteStore::open(url, options)?)))
