@@ -322,6 +322,16 @@ fn read_only_credentials_build_locally_upload_nothing_and_warn_once() {
     assert!(built(&v).is_empty(), "{v:#}");
     assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", text(&o));
 
+    // A push with read-only credentials fails, after its one warning.
+    let ds = eval_dataset();
+    let mut cmd = mkonnx_command_for(&mkonnx_binary(), &b.store);
+    std::fs::write(&config, original.replace("model:\n", "model:\n  box_score_thresh: 0.2\n")).unwrap();
+    let o = moto.env(&mut cmd, &moto.ro).args(["push", b.run.to_str().unwrap(), "--dataset-dir", ds.to_str().unwrap()]);
+    let o = o.args(["--no-parity-check", "--quiet", "--remote", &url]).output().unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("push: the remote could not be written"), "{}", text(&o));
+    assert_eq!(moto.keys("shared/"), before, "nothing uploaded");
+
     // `remote check` tells read-only credentials from read-write ones.
     let check = |creds: &Credentials| {
         let mut cmd = Command::new(mkonnx_binary());

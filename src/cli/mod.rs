@@ -422,7 +422,13 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         let ok = rows.iter().filter(|r| r.result == report::RunResult::Ok).count();
         out!("{ok} of {} run(s) succeeded in {:.1?}", rows.len(), report.elapsed);
     }
-    Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    // A push that could not write (read-only credentials, an unreachable remote) shared
+    // nothing: the warning said why, the exit status says it failed.
+    let push_failed = mode == Mode::Push && remote.as_ref().is_some_and(|(_, s)| s.state != "read-write");
+    if push_failed {
+        err!("Error: push: the remote could not be written; nothing more was uploaded");
+    }
+    Ok(if report::all_ok(&rows) && !push_failed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// `mkonnx report`: the saved rows of the runs, checked against their inputs now.
