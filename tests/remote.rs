@@ -322,6 +322,16 @@ fn read_only_credentials_build_locally_upload_nothing_and_warn_once() {
     assert!(built(&v).is_empty(), "{v:#}");
     assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", text(&o));
 
+    // A push with read-only credentials fails, after its one warning.
+    let ds = eval_dataset();
+    let mut cmd = mkonnx_command_for(&mkonnx_binary(), &b.store);
+    std::fs::write(&config, original.replace("model:\n", "model:\n  box_score_thresh: 0.2\n")).unwrap();
+    let o = moto.env(&mut cmd, &moto.ro).args(["push", b.run.to_str().unwrap(), "--dataset-dir", ds.to_str().unwrap()]);
+    let o = o.args(["--no-parity-check", "--quiet", "--remote", &url]).output().unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("push: the remote could not be written"), "{}", text(&o));
+    assert_eq!(moto.keys("shared/"), before, "nothing uploaded");
+
     // `remote check` tells read-only credentials from read-write ones.
     let check = |creds: &Credentials| {
         let mut cmd = Command::new(mkonnx_binary());
@@ -357,6 +367,19 @@ fn a_dead_endpoint_falls_back_to_local_or_fails_when_required() {
     assert!(!a.run.join("onnx_model/model.onnx").exists(), "nothing built when the remote is required and down");
     // A hang check, not a speed test: retries and timeouts are bounded.
     assert!(elapsed.as_secs() < 60, "{elapsed:?}");
+
+    // A server that accepts connections and never answers: the small requests' timeout
+    // (10 s, retries within it) bounds the wait.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = mkonnx_command_for(&mkonnx_binary(), &t.path().join("store-hung"));
+    cmd.env("AWS_ENDPOINT_URL", format!("http://{}", hung.local_addr().unwrap())).env("AWS_ALLOW_HTTP", "true");
+    cmd.env("AWS_REGION", "us-east-1").env("AWS_ACCESS_KEY_ID", "x").env("AWS_SECRET_ACCESS_KEY", "y");
+    cmd.args(["build", a.run.to_str().unwrap(), "--dataset-dir", ds.to_str().unwrap(), "--no-parity-check"]);
+    let started = std::time::Instant::now();
+    let o = cmd.args(["--remote", "s3://nobody/cache", "--remote-required"]).output().unwrap();
+    assert!(!o.status.success() && text(&o).contains("is unavailable"), "{}", text(&o));
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    drop(hung);
 
     let (o, elapsed) = run(&[]);
     assert!(o.status.success(), "{}", text(&o));

@@ -81,7 +81,8 @@ pub struct RemoteArgs {
     /// Fail when the remote cannot be reached, instead of building with the local store only.
     #[arg(long)]
     pub remote_required: bool,
-    /// Seconds a remote request may take, transfer included (connecting: at most 5).
+    /// Seconds a blob's upload or download may take (connecting: 5; other requests: 10,
+    /// with 2 retries).
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub remote_timeout: u64,
 }

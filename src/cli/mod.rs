@@ -137,7 +137,7 @@ fn open_remote(r: &RemoteArgs) -> anyhow::Result<Option<Arc<RemoteStore>>> {
             RemoteModeArg::Ro => RemoteMode::ReadOnly,
         },
         required: r.remote_required,
-        request_timeout: std::time::Duration::from_secs(r.remote_timeout),
+        transfer_timeout: std::time::Duration::from_secs(r.remote_timeout),
         ..RemoteOptions::default()
     };
     Ok(Some(Arc::new(RemoteStore::open(url, options)?)))
@@ -445,7 +445,13 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         let ok = rows.iter().filter(|r| r.result == report::RunResult::Ok).count();
         out!("{ok} of {} run(s) succeeded in {:.1?}", rows.len(), report.elapsed);
     }
-    Ok(if report::all_ok(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    // A push that could not write (read-only credentials, an unreachable remote) shared
+    // nothing: the warning said why, the exit status says it failed.
+    let push_failed = mode == Mode::Push && remote.as_ref().is_some_and(|(_, s)| s.state != "read-write");
+    if push_failed {
+        err!("Error: push: the remote could not be written; nothing more was uploaded");
+    }
+    Ok(if report::all_ok(&rows) && !push_failed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// `mkonnx report`: the saved rows of the runs, checked against their inputs now.

@@ -47,7 +47,7 @@ use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, 
 use serde::{Deserialize, Serialize};
 
 use super::hash::{output_set_hash, Hash};
-use super::store::{RemoveDirOnDrop, Store, StoredResult};
+use super::store::{EarlyWriteback, RemoveDirOnDrop, Store, StoredResult};
 use super::EngineError;
 
 /// Name of the format marker object under the remote's prefix.
@@ -56,6 +56,9 @@ pub const FORMAT_MARKER: &str = "mkonnx-remote.json";
 const FORMAT_NAME: &str = "mkonnx-remote";
 /// The layout version this build reads and writes (records, blobs, marker).
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Downloaded bytes are hashed and written in blocks of this size.
+const DOWNLOAD_BLOCK: usize = 4 << 20;
 
 /// Test hook, documented as such: when set, the first record upload of the process is
 /// preceded by `exit` (the process exits with status 86, as if killed between its blob and
@@ -82,9 +85,12 @@ pub struct RemoteOptions {
     pub required: bool,
     /// Time to establish a connection.
     pub connect_timeout: Duration,
-    /// Time for a whole request, transfer included.
-    pub request_timeout: Duration,
-    /// Retries of a failed request (with backoff), all within `request_timeout`.
+    /// Time for a small request (the marker, a record, a HEAD): what a server that accepts
+    /// connections but never answers costs, per attempt.
+    pub metadata_timeout: Duration,
+    /// Time for a blob's whole transfer.
+    pub transfer_timeout: Duration,
+    /// Retries of a failed request (with backoff).
     pub max_retries: usize,
 }
 
@@ -94,7 +100,8 @@ impl Default for RemoteOptions {
             mode: RemoteMode::ReadWrite,
             required: false,
             connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(300),
+            metadata_timeout: Duration::from_secs(10),
+            transfer_timeout: Duration::from_secs(300),
             max_retries: 2,
         }
     }
@@ -230,7 +237,10 @@ const UNAVAILABLE: u8 = 2;
 /// A remote store over `object_store`, shared by the engine's worker threads.
 pub struct RemoteStore {
     url: String,
+    /// For small requests (marker, records, HEAD, list, delete): `metadata_timeout`.
     store: Arc<dyn ObjectStore>,
+    /// The same store for blob transfers: `transfer_timeout`.
+    transfers: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
     options: RemoteOptions,
@@ -298,38 +308,43 @@ impl RemoteStore {
         let bad = |what: String| RemoteError::BadUrl { url: url.to_string(), what };
         let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a URL ({e}); use e.g. s3://bucket/prefix or file:///dir")))?;
         let (scheme, prefix) = object_store::ObjectStoreScheme::parse(&parsed).map_err(|e| bad(e.to_string()))?;
-        let client = ClientOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
-            .with_allow_http(std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1"));
-        let retry = RetryConfig { max_retries: options.max_retries, retry_timeout: options.request_timeout, ..RetryConfig::default() };
-        let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
-            object_store::ObjectStoreScheme::Local => {
-                let dir = PathBuf::from(parsed.path());
-                fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
-                object_store::local::LocalFileSystem::new_with_prefix(&dir).map(|s| Arc::new(s) as _)
-            }
-            object_store::ObjectStoreScheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as _),
-            object_store::ObjectStoreScheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(url)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as _),
-            object_store::ObjectStoreScheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(url)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()
-                .map(|s| Arc::new(s) as _),
-            other => return Err(bad(format!("{other:?} is not supported; use s3://, gs://, az:// or file://"))),
+        // Two clients of one store: small requests time out soon, blob transfers late.
+        let connect = |timeout: Duration| -> Result<Arc<dyn ObjectStore>, RemoteError> {
+            let client = ClientOptions::new()
+                .with_connect_timeout(options.connect_timeout)
+                .with_timeout(timeout)
+                .with_allow_http(std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1"));
+            let retry = RetryConfig { max_retries: options.max_retries, retry_timeout: timeout, ..RetryConfig::default() };
+            let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+                object_store::ObjectStoreScheme::Local => {
+                    let dir = PathBuf::from(parsed.path());
+                    fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map(|s| Arc::new(s) as _)
+                }
+                object_store::ObjectStoreScheme::AmazonS3 => object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
+                object_store::ObjectStoreScheme::GoogleCloudStorage => object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
+                object_store::ObjectStoreScheme::MicrosoftAzure => object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
+                ref other => return Err(bad(format!("{other:?} is not supported; use s3://, gs://, az:// or file://"))),
+            };
+            built.map_err(|e| bad(e.to_string()))
         };
-        let store = built.map_err(|e| bad(e.to_string()))?;
+        let store = connect(options.metadata_timeout)?;
+        let transfers = connect(options.transfer_timeout)?;
         // A local directory needs no prefix of its own (the path is the store's root).
         let prefix = if matches!(scheme, object_store::ObjectStoreScheme::Local) { ObjectPath::default() } else { prefix };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -341,6 +356,7 @@ impl RemoteStore {
         let remote = RemoteStore {
             url: url.to_string(),
             store,
+            transfers,
             prefix,
             runtime,
             state: AtomicU8::new(if options.mode == RemoteMode::ReadOnly { DEGRADED_READ_ONLY } else { ACTIVE }),
@@ -453,6 +469,10 @@ impl RemoteStore {
         self.runtime.block_on(self.store.put_opts(path, payload, opts)).map(|_| ())
     }
 
+    fn put_blob(&self, path: &ObjectPath, payload: PutPayload) -> object_store::Result<()> {
+        self.runtime.block_on(self.transfers.put(path, payload)).map(|_| ())
+    }
+
     fn marker_bytes() -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({ "format": FORMAT_NAME, "version": FORMAT_VERSION })).unwrap_or_default()
     }
@@ -520,14 +540,30 @@ impl RemoteStore {
         let scratch = local.scratch_dir()?;
         let _cleanup = RemoveDirOnDrop(scratch.clone());
         let temp = scratch.join("download");
-        let mut file = File::create(&temp).map_err(|e| EngineError::io("create", &temp, e))?;
+        let file = File::create(&temp).map_err(|e| EngineError::io("create", &temp, e))?;
+        // Writeback starts while the download goes on, so the fsync in commit_blob is short.
+        let mut file = EarlyWriteback::new(file);
         let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
+        // Network chunks are small (kilobytes): they are gathered, then hashed (in parallel
+        // when large enough) and written in blocks of DOWNLOAD_BLOCK bytes.
+        let mut block: Vec<u8> = Vec::with_capacity(DOWNLOAD_BLOCK);
+        let mut absorb = |block: &mut Vec<u8>| -> Result<(), RemoteError> {
+            super::hash::update(&mut hasher, block);
+            file.write_all(block).map_err(|e| EngineError::io("write", &temp, e))?;
+            block.clear();
+            Ok(())
+        };
+        // One streamed GET: measured against moto_server, ranged requests in parallel took
+        // twice as long (the server reads the whole object for each range).
         let streamed: Result<(), RemoteError> = self.runtime.block_on(async {
-            let get = self.store.get(&path).await.map_err(|e| match classify(&e) {
+            let get = self.transfers.get(&path).await.map_err(|e| match classify(&e) {
                 Failure::NotFound => damaged("missing".into()),
                 _ => self.unavailable_error("read", &path, e),
             })?;
+            if get.meta.size != artifact.size {
+                return Err(damaged(format!("{} bytes, its record says {}", get.meta.size, artifact.size)));
+            }
             let mut chunks = get.into_stream();
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| self.unavailable_error("read", &path, e))?;
@@ -535,11 +571,14 @@ impl RemoteStore {
                 if received > artifact.size {
                     return Err(damaged(format!("longer than the {} bytes its record says", artifact.size)));
                 }
-                super::hash::update(&mut hasher, &chunk);
-                file.write_all(&chunk).map_err(|e| EngineError::io("write", &temp, e))?;
+                block.extend_from_slice(&chunk);
+                if block.len() >= DOWNLOAD_BLOCK {
+                    absorb(&mut block)?;
+                }
             }
-            Ok(())
+            absorb(&mut block)
         });
+        file.flush().map_err(|e| EngineError::io("write", &temp, e))?;
         bump(&self.counters.bytes_downloaded, received);
         streamed?;
         drop(file);
@@ -663,7 +702,7 @@ impl RemoteStore {
             local.verify_blob(&a.blob)?;
             let local_path = local.blob_path(&a.blob);
             let bytes = fs::read(&local_path).map_err(|e| EngineError::io("read", &local_path, e))?;
-            match self.put(&path, bytes.into(), PutMode::Overwrite) {
+            match self.put_blob(&path, bytes.into()) {
                 Ok(()) => {
                     bump(&self.counters.blobs_uploaded, 1);
                     bump(&self.counters.bytes_uploaded, a.size);
@@ -791,13 +830,13 @@ impl RemoteStore {
         report
     }
 
-    /// Remote garbage collection, mark and sweep: records older than `max_record_age`
+    /// Remote garbage collection, mark and sweep: records at least `max_record_age` old
     /// (when given) are deleted; then every blob that no remaining record names and that is
-    /// older than `grace` (an upload whose record is not written yet is younger) is deleted.
+    /// at least `grace` old (an upload whose record is not written yet is younger) is deleted.
     /// Returns (records deleted, blobs deleted, bytes freed).
     pub fn gc(&self, max_record_age: Option<Duration>, grace: Duration) -> Result<(usize, usize, u64), RemoteError> {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let older_than = |meta: &object_store::ObjectMeta, age: Duration| now - meta.last_modified.timestamp() > age.as_secs() as i64;
+        let older_than = |meta: &object_store::ObjectMeta, age: Duration| now - meta.last_modified.timestamp() >= age.as_secs() as i64;
         let list = |dir: &str| -> Result<Vec<object_store::ObjectMeta>, RemoteError> {
             let path = self.path(dir);
             self.runtime

@@ -1231,3 +1231,30 @@ fn a_truncated_remote_blob_is_a_miss_and_the_rebuild_repairs_it() {
     let stats = second.remote().unwrap().stats();
     assert_eq!((stats.hits, stats.misses, stats.errors, stats.races_lost), (3, 1, 1, 1), "{stats:?}");
 }
+
+#[test]
+fn remote_gc_sweeps_the_blobs_no_record_names() {
+    let env = setup();
+    let remote = env.path("remote");
+    let dag = dag(&env);
+    let first = machine(&env, "store-a", &remote);
+    let r = build(&first, &dag.graph);
+    let store = first.remote().unwrap();
+    assert_eq!(store.gc(None, Duration::ZERO).unwrap(), (0, 0, 0), "every blob is named by a record");
+
+    // Without d's record, d's blob is garbage; the others stay.
+    let d_key = r.get(dag.d).key.unwrap().to_hex();
+    fs::remove_file(remote.join(format!("records/{d_key}.json"))).unwrap();
+    let d_out = env.read("run/d.txt");
+    let (records, blobs, bytes) = store.gc(None, Duration::ZERO).unwrap();
+    assert_eq!((records, blobs, bytes), (0, 1, d_out.len() as u64));
+    assert!(blob_with_content(&remote, d_out.as_bytes()).is_none());
+    assert!(blob_with_content(&remote, env.read("run/a.txt").as_bytes()).is_some());
+    // A grace period keeps young blobs; a record age limit of 0 days removes every record.
+    fs::remove_file(remote.join(format!("records/{}.json", r.get(dag.a).key.unwrap().to_hex()))).unwrap();
+    assert_eq!(store.gc(None, Duration::from_secs(3600)).unwrap(), (0, 0, 0));
+    let (records, blobs, _) = store.gc(Some(Duration::ZERO), Duration::ZERO).unwrap();
+    assert_eq!((records, blobs), (2, 3), "b's and c's records, then a's, b's and c's blobs");
+    assert!(!remote.join("blobs").read_dir().unwrap().any(|shard| shard.unwrap().path().read_dir().unwrap().next().is_some()));
+    assert!(remote.join("mkonnx-remote.json").is_file(), "the marker stays");
+}
