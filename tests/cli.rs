@@ -158,6 +158,7 @@ fn flags_out_of_range_are_refused_before_any_work() {
     let (d, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
     for (flag, value, says) in [
         ("--jobs", "0", "0 is not in 1.."),
+        ("--threads", "0", "0 is not in 1.."),
         ("--vis-score-thresh", "NaN", "use a number from 0 to 1"),
         ("--vis-score-thresh", "-inf", "use a number from 0 to 1"),
         ("--vis-score-thresh", "1.5", "use a number from 0 to 1"),

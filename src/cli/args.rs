@@ -212,6 +212,12 @@ pub struct BuildArgs {
     /// Stages to run at once (default: the number of CPUs).
     #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+    /// Intra-op threads of ONNX Runtime and libtorch in each model stage (default: CPUs /
+    /// jobs, at least 1). Part of those stages' keys (the last bits of results depend on
+    /// it): machines sharing a remote store share model stages only with the same value, so
+    /// give them all the same `--threads`.
+    #[arg(long, value_name = "N", env = "MKONNX_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Rebuild every stage even when it is fresh.
     #[arg(long)]
     pub force: bool,

@@ -243,7 +243,7 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
 
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let jobs = a.jobs.map_or(cpus, usize::from);
-    let threads = (cpus / jobs).max(1);
+    let threads = a.threads.map_or((cpus / jobs).max(1), usize::from);
     let device = match a.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => {

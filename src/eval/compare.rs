@@ -331,18 +331,23 @@ mod tests {
         assert_eq!(Verdict::of(0.01), Verdict::Warning);
     }
 
-    #[test]
-    fn overall_is_the_worst() {
-        let h = Headline { ap: 0.5, ap50: 0.8, ap75: 0.4, ar100: 0.6 };
-        let p = Headline { ap: 0.5, ap50: 0.805, ap75: 0.4, ar100: 0.6 };
-        let d = DatasetCheck {
+    /// A consistent dataset check of one image.
+    fn one_image_check() -> DatasetCheck {
+        DatasetCheck {
             onnx_dataset_hash: "x".into(),
             pytorch_dataset_hash: None,
             onnx_images: 1,
             pytorch_images: None,
             same_ground_truth: None,
             consistent: true,
-        };
+        }
+    }
+
+    #[test]
+    fn overall_is_the_worst() {
+        let h = Headline { ap: 0.5, ap50: 0.8, ap75: 0.4, ar100: 0.6 };
+        let p = Headline { ap: 0.5, ap50: 0.805, ap75: 0.4, ar100: 0.6 };
+        let d = one_image_check();
         let c = Comparison::new(h, Some((p, "mkonnx".into())), d.clone());
         assert_eq!(c.overall, Some(Verdict::Good));
         assert!(c.table().contains("AP50"));
@@ -355,14 +360,7 @@ mod tests {
         let float32 = Headline { ap: 0.5, ap50: 0.8, ap75: 0.4, ar100: 0.6 };
         let pytorch = Headline { ap: 0.5, ap50: 0.8, ap75: 0.4, ar100: 0.6 };
         let int8 = Headline { ap: 0.495, ap50: 0.8, ap75: 0.38, ar100: 0.6 };
-        let d = DatasetCheck {
-            onnx_dataset_hash: "x".into(),
-            pytorch_dataset_hash: None,
-            onnx_images: 1,
-            pytorch_images: None,
-            same_ground_truth: None,
-            consistent: true,
-        };
+        let d = one_image_check();
         let mut c = Comparison::new(float32, Some((pytorch, "mkonnx".into())), d);
         c.int8 = Some(Int8Column::new(int8, &float32, Some(&pytorch), "minmax on 8 images".into()));
         let latency = |ms: f64| Latency { median_ms: ms, p95_ms: ms + 1.0, images: 20, warmup_images: 3, threads: 1, measured: "t".into() };

@@ -236,15 +236,27 @@ pub const ONNX_LATENCY: &str =
 /// Stage `evaluate_onnx`: the ONNX model in ONNX Runtime over the dataset; metrics from a
 /// session without graph optimizations (parity with PyTorch), latency from one with ONNX
 /// Runtime's defaults.
-pub struct EvaluateOnnx {
+pub struct EvaluateOnnx(pub EvaluationOptions);
+
+/// The options every evaluation stage (`evaluate_onnx`, `evaluate_pytorch`, `evaluate_int8`)
+/// takes from the command line; all of them are in its key.
+#[derive(Clone, Copy, Debug)]
+pub struct EvaluationOptions {
     /// Pictures to draw.
     pub visualizations: usize,
     /// Lowest score drawn.
     pub vis_score_thresh: f32,
-    /// ONNX Runtime intra-op threads. Part of the key: kernels split their sums by thread,
-    /// so the last bits of scores and boxes depend on it (measured: predictions differ
-    /// between 1 and 2 threads on every fixture architecture).
+    /// Intra-op threads of the runtime (ONNX Runtime or libtorch). Part of the key: kernels
+    /// split their sums by thread, so the last bits of scores and boxes depend on it
+    /// (measured: predictions differ between 1 and 2 threads on every fixture architecture).
     pub threads: usize,
+}
+
+impl EvaluationOptions {
+    /// The stage parameters these options contribute.
+    pub fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh, "threads": self.threads })
+    }
 }
 
 impl Stage for EvaluateOnnx {
@@ -255,17 +267,18 @@ impl Stage for EvaluateOnnx {
         2 // 2: latency
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh, "threads": self.threads })
+        self.0.params()
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.0;
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let onnx = ctx.input_artifact("onnx", "model.onnx")?;
-        let detector = OnnxDetector::load(&onnx, self.threads)?;
+        let detector = OnnxDetector::load(&onnx, threads)?;
         // The metrics come from the unoptimized session (equal to eager PyTorch); latency
         // from a second session as a user deploys the model.
-        let deployed = OnnxDetector::load_with(&onnx, self.threads, Optimization::Deployed)?;
-        let probe = LatencyProbe { threads: self.threads, measured: ONNX_LATENCY.into(), run: &mut |b| deployed.time(b) };
-        evaluate_dataset(ctx, "onnx", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
+        let deployed = OnnxDetector::load_with(&onnx, threads, Optimization::Deployed)?;
+        let probe = LatencyProbe { threads, measured: ONNX_LATENCY.into(), run: &mut |b| deployed.time(b) };
+        evaluate_dataset(ctx, "onnx", &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
     }
 }
 

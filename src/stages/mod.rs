@@ -202,20 +202,12 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
     let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
     // An evaluation: the dataset's files, the resolved model and the ground truth in, its
     // directory of metrics, predictions and pictures out.
+    let eval_options =
+        evaluate::EvaluationOptions { visualizations: req.visualizations, vis_score_thresh: req.vis_score_thresh, threads: req.threads };
     let evaluation = |stage: NodeSpec, dest: std::path::PathBuf| {
         with_dataset(stage, ds).label(&label).input("model", model).input("ground_truth", gt).materialize_dir("", dest)
     };
-    let onnx_eval = g.add(
-        evaluation(
-            NodeSpec::new(evaluate::EvaluateOnnx {
-                visualizations: req.visualizations,
-                vis_score_thresh: req.vis_score_thresh,
-                threads: req.threads,
-            }),
-            onnx_eval_dir,
-        )
-        .input("onnx", onnx),
-    )?;
+    let onnx_eval = g.add(evaluation(NodeSpec::new(evaluate::EvaluateOnnx(eval_options)), onnx_eval_dir).input("onnx", onnx))?;
     let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
     let cmp = match evaluate::find_user_evaluation(&pt_dir) {
         Some((metrics, user_gt)) => {
@@ -236,16 +228,8 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         }
         None => {
             let pt = g.add(
-                evaluation(
-                    NodeSpec::new(parity::EvaluatePytorch {
-                        device: req.device,
-                        threads: req.threads,
-                        visualizations: req.visualizations,
-                        vis_score_thresh: req.vis_score_thresh,
-                    }),
-                    pt_dir,
-                )
-                .file("checkpoint", &run.checkpoint),
+                evaluation(NodeSpec::new(parity::EvaluatePytorch { device: req.device, options: eval_options }), pt_dir)
+                    .file("checkpoint", &run.checkpoint),
             )?;
             NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
                 .label(&label)
@@ -257,11 +241,7 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
         Some(quantized) => {
             let int8_eval = g.add(
                 evaluation(
-                    NodeSpec::new(quantize::EvaluateInt8 {
-                        visualizations: req.visualizations,
-                        vis_score_thresh: req.vis_score_thresh,
-                        threads: req.threads,
-                    }),
+                    NodeSpec::new(quantize::EvaluateInt8(eval_options)),
                     run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.int8.onnx")))),
                 )
                 .input("int8", quantized),

@@ -3,7 +3,7 @@
 //! has none.
 
 use super::convert::{read_json, ModelInfo};
-use super::evaluate::{evaluate_dataset, LatencyProbe};
+use super::evaluate::{evaluate_dataset, EvaluationOptions, LatencyProbe};
 use super::Device;
 use crate::engine::{Stage, StageContext};
 use crate::eval::parity::{compare, ParityResult, ONNX_TOLERANCE};
@@ -90,12 +90,8 @@ impl Stage for ParityCheck {
 pub struct EvaluatePytorch {
     /// libtorch device.
     pub device: Device,
-    /// libtorch threads; in the key, as results depend on it.
-    pub threads: usize,
-    /// Pictures to draw.
-    pub visualizations: usize,
-    /// Lowest score drawn.
-    pub vis_score_thresh: f32,
+    /// Pictures, threads (libtorch's).
+    pub options: EvaluationOptions,
 }
 
 impl Stage for EvaluatePytorch {
@@ -106,23 +102,21 @@ impl Stage for EvaluatePytorch {
         2 // 2: latency
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({
-            "device": self.device,
-            "visualizations": self.visualizations,
-            "vis_score_thresh": self.vis_score_thresh,
-            "threads": self.threads,
-        })
+        let mut params = self.options.params();
+        params["device"] = serde_json::json!(self.device);
+        params
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.options;
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let runner = std::sync::Mutex::new(start_runner(ctx, &info, self.device, self.threads)?);
+        let runner = std::sync::Mutex::new(start_runner(ctx, &info, self.device, threads)?);
         let lock = || runner.lock().map_err(|_| anyhow::anyhow!("PyTorch runner lock poisoned"));
         let probe = LatencyProbe {
-            threads: self.threads,
+            threads,
             measured: format!("libtorch (mkonnx-torch runner), {}; model compute inside the runner, no pipe transfer", self.device.name()),
             run: &mut |b| Ok(lock()?.detect_timed(b)?.1),
         };
-        evaluate_dataset(ctx, "pytorch", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(lock()?.detect(b)?), Some(probe))
+        evaluate_dataset(ctx, "pytorch", &info, visualizations, vis_score_thresh, &|b| Ok(lock()?.detect(b)?), Some(probe))
     }
 }
 

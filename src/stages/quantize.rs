@@ -5,7 +5,7 @@
 //! `compare` then gives the INT8 column.
 
 use super::convert::{read_json, ModelInfo};
-use super::evaluate::{evaluate_dataset, LatencyProbe};
+use super::evaluate::{evaluate_dataset, EvaluationOptions, LatencyProbe};
 use crate::engine::{Stage, StageContext};
 use crate::onnx::quantize::{self, CalibrationMethod, QuantizeSummary, Range, RangeCollector};
 use crate::runtime::onnx::{OnnxDetector, Optimization};
@@ -190,14 +190,7 @@ pub const INT8_LATENCY: &str = "ONNX Runtime, default graph optimizations (QDQ f
 
 /// Stage `evaluate_int8`: the INT8 model in ONNX Runtime (default optimizations) over the
 /// dataset, with its latency.
-pub struct EvaluateInt8 {
-    /// Pictures to draw.
-    pub visualizations: usize,
-    /// Lowest score drawn.
-    pub vis_score_thresh: f32,
-    /// ONNX Runtime intra-op threads (in the key, see [`super::evaluate::EvaluateOnnx::threads`]).
-    pub threads: usize,
-}
+pub struct EvaluateInt8(pub EvaluationOptions);
 
 impl Stage for EvaluateInt8 {
     fn name(&self) -> &'static str {
@@ -207,13 +200,14 @@ impl Stage for EvaluateInt8 {
         1
     }
     fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "visualizations": self.visualizations, "vis_score_thresh": self.vis_score_thresh, "threads": self.threads })
+        self.0.params()
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.0;
         let info: ModelInfo = read_json(ctx, "model", "model.json")?;
         let model = ctx.input_artifact("int8", "model.int8.onnx")?;
-        let detector = OnnxDetector::load_with(&model, self.threads, Optimization::Deployed)?;
-        let probe = LatencyProbe { threads: self.threads, measured: INT8_LATENCY.into(), run: &mut |b| detector.time(b) };
-        evaluate_dataset(ctx, "int8", &info, self.visualizations, self.vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
+        let detector = OnnxDetector::load_with(&model, threads, Optimization::Deployed)?;
+        let probe = LatencyProbe { threads, measured: INT8_LATENCY.into(), run: &mut |b| detector.time(b) };
+        evaluate_dataset(ctx, "int8", &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
     }
 }
