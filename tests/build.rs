@@ -280,14 +280,6 @@ fn a_build_killed_mid_stage_leaves_the_next_one_correct() {
     }
 }
 
-/// A metrics or comparison file with its latency fields removed (after checking they exist).
-fn without_latency(path: &Path) -> Value {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let removed = v.as_object_mut().unwrap().remove("latency");
-    assert!(removed.is_some_and(|l| !l.is_null()), "{} has no latency", path.display());
-    v
-}
-
 #[test]
 fn every_fixture_run_compares_excellent_with_its_own_evaluation() {
     let t = tempfile::tempdir().unwrap();

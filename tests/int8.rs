@@ -181,7 +181,7 @@ fn onnxruntime_python_runs_and_fuses_the_int8_model_with_our_detections() {
     }
 }
 
-/// (c) A new calibration set reruns calibrate, quantize, evaluate_int8 and compare, and
+/// (c) A new calibration set reruns calibrate, quantize, publish_int8, evaluate_int8 and compare, and
 /// nothing else; (d) latency is in comparison.json, the terminal table and `mkonnx report`
 /// for PyTorch, ONNX float32 and INT8, with sane values. Bad calibration directories are
 /// clear errors.
@@ -240,7 +240,7 @@ fn a_new_calibration_set_reruns_only_the_int8_stages_and_latency_is_reported() {
     // stages rerun, nothing else.
     std::fs::copy(&train_images[4], calib.join(train_images[0].file_name().unwrap())).unwrap();
     let v = build_int8(&run_dir, &store, &calib_args);
-    assert_eq!(rebuilt(&v), ["calibrate", "compare", "evaluate_int8", "quantize"], "{v:#}");
+    assert_eq!(rebuilt(&v), ["calibrate", "compare", "evaluate_int8", "publish_int8", "quantize"], "{v:#}");
 
     // (d) Latency in comparison.json: each model, after warm-up, one thread (-j 2 on 2 CPUs).
     let cmp: Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("onnx_model/comparison.json")).unwrap()).unwrap();

@@ -140,13 +140,43 @@ impl Stage for PublishModel {
         serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        if ctx.node_inputs().contains(&"parity") {
-            let parity: super::parity::ParityReport = read_json(ctx, "parity", "parity.json")?;
-            if !parity.passed && !self.keep_failed_parity {
-                anyhow::bail!("{}; model.onnx is not published (--keep-failed-parity keeps it)", parity.failure());
-            }
-        }
-        ctx.reuse_input_artifact("onnx", "model.onnx", "model.onnx")?;
-        Ok(())
+        publish_if_parity_passed(ctx, self.keep_failed_parity, "onnx", "model.onnx")
     }
+}
+
+/// Stage `publish_int8`: `onnx_model/model.int8.onnx`, under the rule of [`PublishModel`]:
+/// the INT8 model is made from the float graph, so a float graph that disagrees with PyTorch
+/// publishes neither.
+pub struct PublishInt8 {
+    /// Publish even when the parity check failed (`--keep-failed-parity`).
+    pub keep_failed_parity: bool,
+}
+
+impl Stage for PublishInt8 {
+    fn name(&self) -> &'static str {
+        "publish_int8"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        publish_if_parity_passed(ctx, self.keep_failed_parity, "int8", "model.int8.onnx")
+    }
+}
+
+/// Declares `artifact` of node input `input` as this stage's output (no copy), unless the
+/// parity check (input `parity`, present when the planner wired one) failed and
+/// `keep_failed_parity` is off.
+fn publish_if_parity_passed(ctx: &mut StageContext<'_>, keep_failed_parity: bool, input: &str, artifact: &str) -> anyhow::Result<()> {
+    if ctx.node_inputs().contains(&"parity") {
+        let parity: super::parity::ParityReport = read_json(ctx, "parity", "parity.json")?;
+        if !parity.passed && !keep_failed_parity {
+            anyhow::bail!("{}; {artifact} is not published (--keep-failed-parity keeps it)", parity.failure());
+        }
+    }
+    ctx.reuse_input_artifact(input, artifact, artifact)?;
+    Ok(())
 }

@@ -11,7 +11,8 @@
 //!                              └──────────► evaluate_pytorch ┴► compare
 //!                                   (or the user's own eval: pytorch_metrics_from_user)
 //! with --quantize int8:
-//! calibration images, export_onnx ─► calibrate ─► quantize (model.int8.onnx)
+//! calibration images, export_onnx ─► calibrate ─► quantize ─► publish_int8 (model.int8.onnx,
+//!                                                  only if parity_check passed, as publish_model)
 //!                                          ground_truth, quantize ─► evaluate_int8 ─► compare
 //! ```
 
@@ -173,15 +174,16 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
                 calibrate = calibrate.file(quantize::calibration_input_name(i, image), image);
             }
             let calibration = g.add(calibrate)?;
-            Some(
-                g.add(
-                    NodeSpec::new(quantize::Quantize)
-                        .label(&label)
-                        .input("onnx", onnx)
-                        .input("calibration", calibration)
-                        .materialize("model.int8.onnx", onnx_dir.join("model.int8.onnx")),
-                )?,
-            )
+            let quantized = g.add(NodeSpec::new(quantize::Quantize).label(&label).input("onnx", onnx).input("calibration", calibration))?;
+            let mut publish_int8 = NodeSpec::new(convert::PublishInt8 { keep_failed_parity: req.keep_failed_parity })
+                .label(&label)
+                .input("int8", quantized)
+                .materialize("model.int8.onnx", onnx_dir.join("model.int8.onnx"));
+            if let Some(parity) = p.parity {
+                publish_int8 = publish_int8.input("parity", parity);
+            }
+            g.add(publish_int8)?;
+            Some(quantized)
         }
         None => None,
     };

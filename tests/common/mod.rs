@@ -176,3 +176,17 @@ pub fn rgb_sum(img: &mkonnx::runtime::RgbImage) -> u64 {
     img.chw.iter().map(|v| (v * 255.0).round() as u64).sum()
 }
 pub mod moto;
+
+/// A metrics or comparison file with its latency fields removed (after checking they exist):
+/// latency is a measurement, new bytes at every run, while everything else must be equal.
+pub fn without_latency(path: &Path) -> Value {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let removed = v.as_object_mut().unwrap().remove("latency");
+    assert!(removed.is_some_and(|l| !l.is_null()), "{} has no latency", path.display());
+    v
+}
+
+/// Whether a run output is a metrics or comparison file, which carries a latency measurement.
+pub fn has_latency(relative_path: &str) -> bool {
+    relative_path.ends_with("_metrics.json") || relative_path.ends_with("comparison.json")
+}
