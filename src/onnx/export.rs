@@ -191,27 +191,13 @@ pub fn export(detector: &Detector) -> Result<ModelProto, WeightError> {
 struct Sizes {
     /// [1] int64: batch size.
     batch: Value,
-    /// Scalars (float32) of the resized (unpadded) image: height, width.
-    resized_h: Value,
-    resized_w: Value,
-    /// Scalars (float32) of the input image: height, width.
-    input_h: Value,
-    input_w: Value,
+    /// The resized (unpadded) image: float32 scalars.
+    resized: ImageSize<Value>,
+    /// The input image: float32 scalars.
+    input: ImageSize<Value>,
     /// [1] int64 padded height and width.
     padded_h: Value,
     padded_w: Value,
-}
-
-impl Sizes {
-    /// The resized (unpadded) image size as formula scalars.
-    fn resized(&self) -> ImageSize<Value> {
-        ImageSize { height: self.resized_h.clone(), width: self.resized_w.clone() }
-    }
-
-    /// The input image size as formula scalars.
-    fn input(&self) -> ImageSize<Value> {
-        ImageSize { height: self.input_h.clone(), width: self.input_w.clone() }
-    }
 }
 
 fn detector_graph(b: &mut OnnxBackend, det: &Detector, input: &Value) -> Result<(Value, Value, Value), WeightError> {
@@ -257,10 +243,8 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
     let input_f = g.cast(&hw, DataType::Float);
     let sizes = Sizes {
         batch,
-        resized_h: scalar_at(g, &resized_f, 0),
-        resized_w: scalar_at(g, &resized_f, 1),
-        input_h: scalar_at(g, &input_f, 0),
-        input_w: scalar_at(g, &input_f, 1),
+        resized: ImageSize { height: scalar_at(g, &resized_f, 0), width: scalar_at(g, &resized_f, 1) },
+        input: ImageSize { height: scalar_at(g, &input_f, 0), width: scalar_at(g, &input_f, 1) },
         padded_h: g.element(&padded_hw, 0),
         padded_w: g.element(&padded_hw, 1),
     };
@@ -594,7 +578,7 @@ fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Re
     let boxes = gather_rows(g, &proposals, &idx, Some(4));
     let probs = g.sigmoid(&logits);
 
-    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized());
+    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized);
     let keep = boxes::big_enough(b, &clipped, f64::from(RPN_MIN_BOX_SIZE));
     let g = &mut *b.g;
     let boxes = stack_boxes(g, &clipped);
@@ -672,7 +656,7 @@ fn multi_scale_roi_align(b: &mut OnnxBackend, names: &[String], maps: &[Value], 
         let fh = g.element(&shape, 2);
         let fh = g.cast(&fh, DataType::Float);
         let fh = g.squeeze(&fh, &[0]);
-        let ratio = g.div(&fh, &sizes.resized_h);
+        let ratio = g.div(&fh, &sizes.resized.height);
         let l = g.log(&ratio);
         let l = g.div(&l, &ln2);
         exponents.push(g.round(&l));
@@ -737,7 +721,7 @@ fn postprocess(
     let rois = b.g.reshape_const(proposals, &[-1, 1, 4]);
     let d = b.g.reshape_const(deltas, &[0, num_classes, 4]);
     let boxes = box_coder::decode(b, &d, &rois, ROI_BOX_CODER_WEIGHTS.map(f64::from));
-    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized());
+    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized);
     let g = &mut *b.g;
     let boxes = stack_boxes(g, &clipped);
     let scores = g.softmax(logits, -1);
@@ -805,9 +789,10 @@ fn postprocess(
 
     // transform.postprocess (boxes back to the input image), then normalized.
     let coords = unbind_boxes(g, &det_boxes);
-    let [x1, y1, x2, y2] = boxes::resize_to_original(b, &coords, &sizes.resized(), &sizes.input());
+    let [x1, y1, x2, y2] = boxes::resize_to_original(b, &coords, &sizes.resized, &sizes.input);
     let g = &mut *b.g;
-    let norm = [g.div(&x1, &sizes.input_w), g.div(&y1, &sizes.input_h), g.div(&x2, &sizes.input_w), g.div(&y2, &sizes.input_h)];
+    let input = &sizes.input;
+    let norm = [g.div(&x1, &input.width), g.div(&y1, &input.height), g.div(&x2, &input.width), g.div(&y2, &input.height)];
     let location = stack_boxes(g, &norm);
     let valid4 = g.unsqueeze(&valid, &[2]);
     let location = g.where_(&valid4, &location, &zero);
