@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 /// `mkonnx build RUN --dataset-dir <eval> --evaluate-converted-model --quantize int8 --json`;
 /// `-j 2` gives each stage one intra-op thread on the 2-CPU test machines.
-fn build_int8(run_dir: &Path, store: &Path, extra: &[&str]) -> Value {
+/// `mkonnx build RUN --dataset-dir <eval> --evaluate-converted-model --quantize int8 -j 2
+/// --visualizations 0` plus `extra`, in `store`.
+fn run_int8_build(run_dir: &Path, store: &Path, extra: &[&str]) -> std::process::Output {
     let ds = eval_dataset();
     let mut args = vec![
         "build",
@@ -25,14 +27,19 @@ fn build_int8(run_dir: &Path, store: &Path, extra: &[&str]) -> Value {
         "--evaluate-converted-model",
         "--quantize",
         "int8",
-        "--json",
         "-j",
         "2",
         "--visualizations",
         "0",
     ];
     args.extend_from_slice(extra);
-    let o = mkonnx(&args, store);
+    mkonnx(&args, store)
+}
+
+/// [`run_int8_build`] with `--json`: the build's JSON report (the build must succeed).
+fn build_int8(run_dir: &Path, store: &Path, extra: &[&str]) -> Value {
+    let extra: Vec<&str> = ["--json"].into_iter().chain(extra.iter().copied()).collect();
+    let o = run_int8_build(run_dir, store, &extra);
     let out: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&o)));
     assert!(o.status.success(), "{}", text(&o));
     out
@@ -269,26 +276,7 @@ fn a_new_calibration_set_reruns_only_the_int8_stages_and_latency_is_reported() {
     assert!(cmp["int8"]["calibration"].as_str().unwrap().contains("calibration directory calibration"), "{cmp:#}");
 
     // The terminal table (a no-op build reads the comparison from the store).
-    let ds = eval_dataset();
-    let o = mkonnx(
-        &[
-            "build",
-            run_dir.to_str().unwrap(),
-            "--dataset-dir",
-            ds.to_str().unwrap(),
-            "--evaluate-converted-model",
-            "--quantize",
-            "int8",
-            "-j",
-            "2",
-            "--visualizations",
-            "0",
-        ]
-        .into_iter()
-        .chain(calib_args)
-        .collect::<Vec<_>>(),
-        &store,
-    );
+    let o = run_int8_build(&run_dir, &store, &calib_args);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("int8") && out.contains("overall: Excellent; int8: "), "{out}");
