@@ -218,6 +218,11 @@ pub struct BuildArgs {
     /// give them all the same `--threads`.
     #[arg(long, value_name = "N", env = "MKONNX_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Write outputs (onnx_model/, eval_*/) as independent, writable copies. By default
+    /// they are hard links to the store's read-only copies when both are on one filesystem
+    /// (no second copy of each model on disk); edit a copy, not the output, or use this.
+    #[arg(long, env = "MKONNX_COPY_OUTPUTS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub copy_outputs: bool,
     /// Rebuild every stage even when it is fresh.
     #[arg(long)]
     pub force: bool,

@@ -31,7 +31,7 @@ pub mod shard;
 
 use crate::data::dataset::Dataset;
 use crate::data::run_dir::RunDir;
-use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome, RemoteMode, RemoteOptions, RemoteStore};
+use crate::engine::{BuildEvent, BuildOptions, Engine, Force, Outcome, OutputMode, RemoteMode, RemoteOptions, RemoteStore};
 use crate::stages::{plan, BuildRequest, Device};
 use anyhow::Context;
 use args::{BuildArgs, Cli, Command, DeviceArg, PlanArgs, RemoteArgs, RemoteCommand, RemoteModeArg, ReportArgs, ShardArgs};
@@ -350,7 +350,8 @@ fn build(a: &BuildArgs, mode: Mode) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let opts = BuildOptions { force, observer: Some(&observer), no_run: mode == Mode::Pull, publish_fresh: mode == Mode::Push };
+    let outputs = if a.copy_outputs { OutputMode::Copy } else { OutputMode::default() };
+    let opts = BuildOptions { force, observer: Some(&observer), no_run: mode == Mode::Pull, publish_fresh: mode == Mode::Push, outputs };
     let report = engine.build(&graph, &opts)?;
     if let Some(b) = &bar {
         b.finish_and_clear();

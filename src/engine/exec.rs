@@ -17,7 +17,7 @@ use super::hash::{output_set_hash, stage_key, Hash, InputKind, KeyIngredients};
 use super::remote::RemoteStore;
 use super::stage::{HashedFile, StageContext};
 use super::stat_cache::{Clock, FileHasher, SystemClock, RACY_MARGIN_NS};
-use super::store::{InputRecord, MatRecord, NodeRecord, RemoveDirOnDrop, Store, StoredResult};
+use super::store::{InputRecord, MatRecord, NodeRecord, OutputMode, RemoveDirOnDrop, Store, StoredResult};
 use super::EngineError;
 
 /// Which nodes to rebuild even if the store has their key.
@@ -73,6 +73,8 @@ pub struct BuildOptions<'a> {
     /// Also share results found in the local store with the remote, not only those built
     /// now (`mkonnx push`).
     pub publish_fresh: bool,
+    /// Hard links into the store (the default) or copies for materialized outputs.
+    pub outputs: OutputMode,
 }
 
 /// What happened to one node in a build.
@@ -268,7 +270,45 @@ struct BuildCx<'a> {
     /// Keys whose stage failed in this build, with the error: another node with the same
     /// key (runs sharing a checkpoint and config) fails at once instead of running it again.
     failed_keys: Mutex<BTreeMap<Hash, Arc<anyhow::Error>>>,
+    /// Stages allowed to run at once (`jobs`); the workers, more numerous with a remote,
+    /// take a slot only to run a stage, not to download or materialize a result.
+    stage_slots: Slots,
 }
+
+/// A counting semaphore: [`Slots::take`] waits for a free slot, its guard gives it back.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots { free: Mutex::new(n), freed: Condvar::new() }
+    }
+
+    fn take(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Workers of a build with a remote store: a remote hit waits on the network, not on a
+/// CPU, so downloads go on in parallel beyond `jobs` (as Bazel's `--jobs` with a remote
+/// cache); stages still run `jobs` at a time.
+const REMOTE_WORKERS: usize = 8;
 
 /// An attempt at a node failed because the store's copy of something is bad.
 enum MatError {
@@ -377,8 +417,10 @@ impl Engine {
             sched: Mutex::new(Sched { ready, waiting, finished: 0 }),
             wake: Condvar::new(),
             failed_keys: Mutex::new(BTreeMap::new()),
+            stage_slots: Slots::new(self.jobs.max(1)),
         };
-        let workers = self.jobs.clamp(1, n.max(1));
+        let wanted = if self.remote.is_some() { self.jobs.max(REMOTE_WORKERS) } else { self.jobs };
+        let workers = wanted.clamp(1, n.max(1));
         std::thread::scope(|s| {
             let mut spawned = 0;
             for i in 0..workers {
@@ -586,10 +628,13 @@ impl Engine {
                         anyhow!("{error:#} (the same stage with the same inputs failed earlier in this build)"),
                     ));
                 }
+                let slot = cx.stage_slots.take();
                 if let Some(observer) = cx.opts.observer {
                     observer(&BuildEvent::Started { node: h });
                 }
-                match self.run_stage(node, files, upstream, key) {
+                let ran = self.run_stage(node, files, upstream, key);
+                drop(slot);
+                match ran {
                     Ok((result, duration)) => {
                         built = Some(duration);
                         match self.share(node, &key, &result) {
@@ -638,7 +683,7 @@ impl Engine {
                 continue;
             }
             let t = cx.hasher.now_ns();
-            match self.store.restore_blob(blob, dest) {
+            match self.store.restore_blob(blob, dest, cx.opts.outputs) {
                 Ok(()) => {}
                 Err(EngineError::CorruptBlob { .. }) => return Err(MatError::CorruptBlob(*blob)),
                 Err(e) => return Err(MatError::Other(e)),

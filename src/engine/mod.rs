@@ -109,7 +109,7 @@ pub use remote::{
 };
 pub use stage::{Stage, StageContext};
 pub use stat_cache::{Clock, SystemClock, FINE_RACY_MARGIN_NS, RACY_MARGIN_NS};
-pub use store::{Store, VerifyReport};
+pub use store::{OutputMode, Store, VerifyReport};
 
 /// What can go wrong in the engine itself (as opposed to inside a stage, whose errors
 /// are `anyhow::Error`s reported per node in [`Outcome::Failed`]).

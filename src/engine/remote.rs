@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientOptions, GetResultPayload, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
 
 use super::hash::{output_set_hash, Hash};
@@ -554,30 +554,54 @@ impl RemoteStore {
             block.clear();
             Ok(())
         };
-        // One streamed GET: measured against moto_server, ranged requests in parallel took
-        // twice as long (the server reads the whole object for each range).
-        let streamed: Result<(), RemoteError> = self.runtime.block_on(async {
-            let get = self.transfers.get(&path).await.map_err(|e| match classify(&e) {
+        // Takes a chunk in; `last` absorbs whatever is left.
+        let mut take = |chunk: &[u8], block: &mut Vec<u8>, last: bool| -> Result<(), RemoteError> {
+            received += chunk.len() as u64;
+            if received > artifact.size {
+                return Err(damaged(format!("longer than the {} bytes its record says", artifact.size)));
+            }
+            block.extend_from_slice(chunk);
+            if last || block.len() >= DOWNLOAD_BLOCK {
+                absorb(block)?;
+            }
+            Ok(())
+        };
+        let streamed: Result<(), RemoteError> = (|| {
+            // One streamed GET: measured against moto_server, ranged requests in parallel took
+            // twice as long (the server reads the whole object for each range).
+            let get = self.runtime.block_on(self.transfers.get(&path)).map_err(|e| match classify(&e) {
                 Failure::NotFound => damaged("missing".into()),
                 _ => self.unavailable_error("read", &path, e),
             })?;
             if get.meta.size != artifact.size {
                 return Err(damaged(format!("{} bytes, its record says {}", get.meta.size, artifact.size)));
             }
-            let mut chunks = get.into_stream();
-            while let Some(chunk) = chunks.next().await {
-                let chunk = chunk.map_err(|e| self.unavailable_error("read", &path, e))?;
-                received += chunk.len() as u64;
-                if received > artifact.size {
-                    return Err(damaged(format!("longer than the {} bytes its record says", artifact.size)));
+            match get.payload {
+                // A `file://` remote hands over the open file: read in large blocks here,
+                // not in the small chunks (one blocking task each) its stream would make.
+                GetResultPayload::File(mut source, source_path) => {
+                    let mut chunk = vec![0u8; DOWNLOAD_BLOCK];
+                    loop {
+                        let n = source.read(&mut chunk).map_err(|e| {
+                            let source = format!("{}: {e}", source_path.display()).into();
+                            self.unavailable_error("read", &path, object_store::Error::Generic { store: "LocalFileSystem", source })
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        take(&chunk[..n], &mut block, false)?;
+                    }
                 }
-                block.extend_from_slice(&chunk);
-                if block.len() >= DOWNLOAD_BLOCK {
-                    absorb(&mut block)?;
-                }
+                GetResultPayload::Stream(mut chunks) => self.runtime.block_on(async {
+                    while let Some(chunk) = chunks.next().await {
+                        let chunk = chunk.map_err(|e| self.unavailable_error("read", &path, e))?;
+                        take(&chunk, &mut block, false)?;
+                    }
+                    Ok::<(), RemoteError>(())
+                })?,
             }
-            absorb(&mut block)
-        });
+            take(&[], &mut block, true)
+        })();
         file.flush().map_err(|e| EngineError::io("write", &temp, e))?;
         bump(&self.counters.bytes_downloaded, received);
         streamed?;

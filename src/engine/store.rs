@@ -144,6 +144,35 @@ pub(crate) struct MatRecord {
     pub blob: Hash,
 }
 
+/// How a build puts a stored artifact at its materialized path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputMode {
+    /// A blob of at least `min_bytes` (the models) becomes a hard link to the store's copy
+    /// when both are on one filesystem: no bytes written, and the output is read-only like
+    /// the blob. Smaller blobs (metrics, pictures, text), and any across filesystems, are
+    /// copied. Editing a linked output in place (as root, who can) damages the blob: the
+    /// store notices at its next read and rebuilds it.
+    Link {
+        /// The smallest blob that is linked rather than copied.
+        min_bytes: u64,
+    },
+    /// Independent, writable copies of everything (`--copy-outputs`).
+    Copy,
+}
+
+impl OutputMode {
+    /// The smallest blob [`OutputMode::default`] links: models are tens to hundreds of MB
+    /// (what is worth not writing twice); the metrics and pictures users may open and edit
+    /// are far smaller, and stay ordinary files.
+    pub const LINK_MIN_BYTES: u64 = 1 << 20;
+}
+
+impl Default for OutputMode {
+    fn default() -> Self {
+        OutputMode::Link { min_bytes: Self::LINK_MIN_BYTES }
+    }
+}
+
 /// A content-addressed artifact store: a directory holding `store.sqlite` and `blobs/`.
 /// Open one per process (or per thread, in tests); any number may share a directory.
 pub struct Store {
@@ -695,11 +724,12 @@ impl Store {
         Ok(f)
     }
 
-    /// Copies blob `hash` to `dest` atomically (temp file in dest's directory, rename),
-    /// verifying the bytes against the hash on the way (unless this process stored
-    /// the blob itself). A missing or corrupt blob gives [`EngineError::CorruptBlob`] and
-    /// leaves `dest` untouched.
-    pub(crate) fn restore_blob(&self, hash: &Hash, dest: &Path) -> Result<(), EngineError> {
+    /// Puts blob `hash` at `dest` atomically (temp name in dest's directory, rename): a hard
+    /// link under [`OutputMode::Link`] when the filesystem allows one, else a copy whose
+    /// bytes are verified against the hash on the way (unless this process stored the blob
+    /// itself). A missing or corrupt blob gives [`EngineError::CorruptBlob`] and leaves
+    /// `dest` untouched.
+    pub(crate) fn restore_blob(&self, hash: &Hash, dest: &Path, mode: OutputMode) -> Result<(), EngineError> {
         let blob = self.blob_path(hash);
         let parent =
             dest.parent().ok_or_else(|| EngineError::io("write", dest, std::io::Error::other("destination has no parent directory")))?;
@@ -710,6 +740,27 @@ impl Store {
         let tmp = parent.join(format!("{prefix}{}-{}", std::process::id(), SESSION_COUNTER.fetch_add(1, Ordering::Relaxed)));
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let corrupt = || EngineError::CorruptBlob { path: blob.clone() };
+        let linked = match mode {
+            OutputMode::Link { min_bytes } => fs::metadata(&blob).map_err(|_| corrupt())?.len() >= min_bytes,
+            OutputMode::Copy => false,
+        };
+        if linked {
+            self.verify_blob(hash)?;
+            if fs::hard_link(&blob, &tmp).is_ok() {
+                // The output's mtime is the time it appeared, as with a copy, so that a
+                // Makefile rule sees it newer than the run's files. Only the shared inode's
+                // times change, not its bytes: the blob stays verified.
+                let touched = File::open(&tmp).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                self.mark_verified(hash, &blob);
+                touched.map_err(|e| EngineError::io("set the modification time of", &tmp, e))?;
+                fs::rename(&tmp, dest).map_err(|e| EngineError::io("write", dest, e))?;
+                // (A rename between two links of one inode does nothing: the guard then
+                // removes the temporary name.)
+                drop(guard);
+                return Ok(());
+            }
+            // Another filesystem, too many links, or links refused: a copy.
+        }
         let mut src = File::open(&blob).map_err(|_| corrupt())?;
         let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| EngineError::io("create", &tmp, e))?;
         let unchanged_since_verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(hash).copied()
@@ -998,7 +1049,7 @@ mod tests {
         assert!(fs::metadata(&blob).unwrap().permissions().readonly());
 
         let dest = dir.path().join("run/onnx_model/model.onnx");
-        s.restore_blob(&h, &dest).unwrap();
+        s.restore_blob(&h, &dest, OutputMode::Copy).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"artifact bytes");
         assert!(!fs::metadata(&dest).unwrap().permissions().readonly());
 
@@ -1009,7 +1060,7 @@ mod tests {
         fs::set_permissions(&blob, p).unwrap();
         fs::write(&blob, b"artifact bytez").unwrap();
         fs::write(&dest, b"user edit").unwrap();
-        let err = s.restore_blob(&h, &dest).unwrap_err();
+        let err = s.restore_blob(&h, &dest, OutputMode::Copy).unwrap_err();
         assert!(matches!(err, EngineError::CorruptBlob { .. }), "{err}");
         assert_eq!(fs::read(&dest).unwrap(), b"user edit", "a failed restore must not touch dest");
         let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().collect();
@@ -1030,7 +1081,7 @@ mod tests {
         assert_eq!(h, hash_bytes(b"written whole, then more"));
         // Restoring a blob this process stored (untouched since) copies it without re-reading.
         let dest = dir.path().join("out/b");
-        s.restore_blob(&h, &dest).unwrap();
+        s.restore_blob(&h, &dest, OutputMode::Copy).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"written whole, then more");
     }
 

@@ -231,6 +231,11 @@ fn build(engine: &Engine, graph: &Graph) -> BuildReport {
     engine.build(graph, &BuildOptions::default()).unwrap()
 }
 
+/// A build whose outputs are copies (`--copy-outputs`), not links into the store.
+fn build_copying(engine: &Engine, graph: &Graph) -> BuildReport {
+    engine.build(graph, &BuildOptions { outputs: OutputMode::Copy, ..Default::default() }).unwrap()
+}
+
 /// `(stage, outcome word)` per node, for compact assertions.
 fn outcomes(report: &BuildReport) -> Vec<(&'static str, &'static str)> {
     report
@@ -382,10 +387,11 @@ fn unchanged_output_stops_propagation() {
 }
 
 #[test]
-fn deleted_or_edited_outputs_are_restored_without_running_stages() {
+fn deleted_or_edited_copied_outputs_are_restored_without_running_stages() {
+    // Small outputs are copies by default too; `build_copying` makes it explicit.
     let env = setup();
     let dag = dag(&env);
-    build(&env.engine(), &dag.graph);
+    build_copying(&env.engine(), &dag.graph);
     let d_content = env.read("run/d.txt");
     let a_content = env.read("run/a.txt");
 
@@ -397,7 +403,7 @@ fn deleted_or_edited_outputs_are_restored_without_running_stages() {
     assert_eq!(status_of(&status, dag.c), &NodeStatus::Fresh);
     assert_eq!(status_of(&status, dag.d), &NodeStatus::Restore(vec![StaleReason::OutputMissing { path: env.path("run/d.txt") }]));
 
-    let r = build(&engine, &dag.graph);
+    let r = build_copying(&engine, &dag.graph);
     assert_eq!(outcomes(&r), [("a", "restored"), ("b", "fresh"), ("c", "fresh"), ("d", "restored")]);
     match &r.get(dag.d).outcome {
         Outcome::Restored { paths } => assert_eq!(paths, &[env.path("run/d.txt")]),
@@ -409,9 +415,46 @@ fn deleted_or_edited_outputs_are_restored_without_running_stages() {
 
     // Even the whole run directory.
     fs::remove_dir_all(env.path("run")).unwrap();
-    let r = build(&env.engine(), &dag.graph);
+    let r = build_copying(&env.engine(), &dag.graph);
     assert_eq!(outcomes(&r), [("a", "restored"), ("b", "fresh"), ("c", "fresh"), ("d", "restored")]);
     assert_eq!(env.read("run/d.txt"), d_content);
+}
+
+#[test]
+fn linked_outputs_share_the_blob_and_an_edit_in_place_is_repaired() {
+    use std::os::unix::fs::MetadataExt;
+    let env = setup();
+    let dag = dag(&env);
+    // These outputs are a few bytes: link every size.
+    let build = |engine: &Engine, graph: &Graph| {
+        engine.build(graph, &BuildOptions { outputs: OutputMode::Link { min_bytes: 0 }, ..Default::default() }).unwrap()
+    };
+    build(&env.engine(), &dag.graph);
+    let a_content = env.read("run/a.txt");
+    let out = fs::metadata(env.path("run/a.txt")).unwrap();
+    assert_eq!(out.nlink(), 2, "the output is a hard link to its blob");
+    assert!(out.permissions().readonly(), "a linked output is read-only like its blob");
+    // Its mtime is when it appeared (for Makefile rules), not when the blob was stored.
+    assert!(out.modified().unwrap() >= env.path("x.txt").metadata().unwrap().modified().unwrap());
+
+    // Replaced (a new file under the name, as most editors and tools save): restored from
+    // the store without running anything.
+    let tmp = env.path("run/a.txt.new");
+    fs::write(&tmp, "user edit").unwrap();
+    fs::rename(&tmp, env.path("run/a.txt")).unwrap();
+    let r = build(&env.engine(), &dag.graph);
+    assert_eq!(outcomes(&r), [("a", "restored"), ("b", "fresh"), ("c", "fresh"), ("d", "fresh")]);
+    assert_eq!(env.read("run/a.txt"), a_content);
+
+    // Made writable and written in place (or by root, who ignores the bit): the shared
+    // blob is damaged too. The next build notices, rebuilds the stage and repairs the store.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(env.path("run/a.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    env.write("run/a.txt", "user edit");
+    let r = build(&env.engine(), &dag.graph);
+    assert_eq!(outcomes(&r)[0], ("a", "built"));
+    assert_eq!(env.read("run/a.txt"), a_content);
+    assert!(env.engine().store().verify_all().unwrap().clean());
 }
 
 #[test]
