@@ -81,9 +81,11 @@ impl NodeSpec {
         Self::from_arc(Arc::new(stage))
     }
 
-    /// A node running a shared stage value.
+    /// A node running a shared stage value, with the node inputs the stage declares
+    /// ([`Stage::inputs`]).
     pub fn from_arc(stage: Arc<dyn Stage>) -> Self {
-        NodeSpec { stage, labels: Vec::new(), identity: None, files: Vec::new(), inputs: Vec::new(), materializations: Vec::new() }
+        let inputs = stage.inputs().into_iter().map(|(name, node)| (name.to_string(), node)).collect();
+        NodeSpec { stage, labels: Vec::new(), identity: None, files: Vec::new(), inputs, materializations: Vec::new() }
     }
 
     /// Names the run this node belongs to (e.g. the run directory as the user typed it);

@@ -32,6 +32,14 @@ pub trait Stage: Send + Sync {
         Value::Object(serde_json::Map::new())
     }
 
+    /// The upstream nodes this stage reads, by input name (the name is part of the key).
+    /// A stage holds its inputs as typed fields (mkonnx's stages: `stages::wiring`) and lists
+    /// them here; [`crate::engine::NodeSpec::new`] wires them. Stages of engine tests, with
+    /// none, are wired by [`crate::engine::NodeSpec::input`] instead.
+    fn inputs(&self) -> Vec<(&'static str, super::graph::NodeHandle)> {
+        Vec::new()
+    }
+
     /// Does the work: reads inputs and writes outputs through `ctx`. An error (or a panic)
     /// fails this node and skips its dependents; nothing it wrote is kept.
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()>;

@@ -8,6 +8,8 @@ use crate::model::{Architecture, Detector, DetectorParams, Weights};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use super::wiring::{Int8Model, OnnxModel, Parity, Produces, PublishableModel, Published, ResolvedModel, Upstream};
+
 /// What `resolve_model` records: the detector description and facts about the checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
@@ -64,12 +66,6 @@ pub fn load_detector(ctx: &StageContext<'_>, info: &ModelInfo) -> anyhow::Result
     Ok(Detector { arch: info.arch, params: info.params.clone(), weights })
 }
 
-/// Reads an upstream JSON artifact.
-pub fn read_json<T: for<'de> Deserialize<'de>>(ctx: &StageContext<'_>, input: &str, artifact: &str) -> anyhow::Result<T> {
-    let bytes = ctx.read_input_artifact(input, artifact)?;
-    serde_json::from_slice(&bytes).with_context(|| format!("corrupt artifact {artifact} of {input}"))
-}
-
 /// Stage `resolve_model`: architecture and hyperparameters from config + weights.
 /// Its output is small and canonical, so a config edit that changes nothing about the model
 /// leaves the export and everything after it fresh (early cutoff).
@@ -92,13 +88,20 @@ impl Stage for ResolveModel {
         let Resolved { arch, arch_source, params, class_names } = resolve(&config, weights, &checkpoint)?;
         let parameters = weights.names().map(|n| weights.get(n).map(|t| t.data.len()).unwrap_or(0)).sum();
         let info = ModelInfo { arch, arch_source, params, class_names, wrapper, stripped_prefix, tensors: weights.len(), parameters };
-        ctx.write_output("model.json", serde_json::to_vec_pretty(&info)?)?;
+        ctx.write_output(ResolvedModel::FILE, serde_json::to_vec_pretty(&info)?)?;
         Ok(())
     }
 }
 
+impl Produces for ResolveModel {
+    type Product = ResolvedModel;
+}
+
 /// Stage `export_onnx`: the ONNX graph, natively.
-pub struct ExportOnnx;
+pub struct ExportOnnx {
+    /// The detector to export.
+    pub model: Upstream<ResolvedModel>,
+}
 
 impl Stage for ExportOnnx {
     fn name(&self) -> &'static str {
@@ -110,13 +113,20 @@ impl Stage for ExportOnnx {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "opset": crate::onnx::builder::OPSET })
     }
+    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
+        vec![self.model.wire()]
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let info = self.model.info(ctx)?;
         let detector = load_detector(ctx, &info)?;
         let model = crate::onnx::export(&detector).with_context(|| format!("exporting {}", info.arch))?;
-        ctx.write_output_with("model.onnx", |out| crate::onnx::write_model(&model, out))?;
+        ctx.write_output_with(OnnxModel::FILE, |out| crate::onnx::write_model(&model, out))?;
         Ok(())
     }
+}
+
+impl Produces for ExportOnnx {
+    type Product = OnnxModel;
 }
 
 /// Stage `publish_model`: puts the exported model where deployments pick it up
@@ -127,6 +137,10 @@ impl Stage for ExportOnnx {
 pub struct PublishModel {
     /// Publish even when the parity check failed (`--keep-failed-parity`, for debugging).
     pub keep_failed_parity: bool,
+    /// The exported model.
+    pub onnx: Upstream<OnnxModel>,
+    /// Its parity check, when one was asked for.
+    pub parity: Option<Upstream<Parity>>,
 }
 
 impl Stage for PublishModel {
@@ -139,9 +153,16 @@ impl Stage for PublishModel {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
     }
-    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        publish_if_parity_passed(ctx, self.keep_failed_parity, "onnx", "model.onnx")
+    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
+        [Some(self.onnx.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
     }
+    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
+        publish_if_parity_passed(ctx, self.keep_failed_parity, &self.onnx, self.parity.as_ref())
+    }
+}
+
+impl Produces for PublishModel {
+    type Product = Published;
 }
 
 /// Stage `publish_int8`: `onnx_model/model.int8.onnx`, under the rule of [`PublishModel`]:
@@ -150,6 +171,10 @@ impl Stage for PublishModel {
 pub struct PublishInt8 {
     /// Publish even when the parity check failed (`--keep-failed-parity`).
     pub keep_failed_parity: bool,
+    /// The INT8 model.
+    pub int8: Upstream<Int8Model>,
+    /// The float model's parity check, when one was asked for.
+    pub parity: Option<Upstream<Parity>>,
 }
 
 impl Stage for PublishInt8 {
@@ -162,21 +187,31 @@ impl Stage for PublishInt8 {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
     }
+    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
+        [Some(self.int8.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        publish_if_parity_passed(ctx, self.keep_failed_parity, "int8", "model.int8.onnx")
+        publish_if_parity_passed(ctx, self.keep_failed_parity, &self.int8, self.parity.as_ref())
     }
 }
 
-/// Declares `artifact` of node input `input` as this stage's output (no copy), unless the
-/// parity check (input `parity`, present when the planner wired one) failed and
+impl Produces for PublishInt8 {
+    type Product = Published;
+}
+
+/// Declares `model` as this stage's output (no copy), unless its parity check failed and
 /// `keep_failed_parity` is off.
-fn publish_if_parity_passed(ctx: &mut StageContext<'_>, keep_failed_parity: bool, input: &str, artifact: &str) -> anyhow::Result<()> {
-    if ctx.node_inputs().contains(&"parity") {
-        let parity: super::parity::ParityReport = read_json(ctx, "parity", "parity.json")?;
+fn publish_if_parity_passed<P: PublishableModel>(
+    ctx: &mut StageContext<'_>,
+    keep_failed_parity: bool,
+    model: &Upstream<P>,
+    parity: Option<&Upstream<Parity>>,
+) -> anyhow::Result<()> {
+    if let Some(parity) = parity {
+        let parity = parity.report(ctx)?;
         if !parity.passed && !keep_failed_parity {
-            anyhow::bail!("{}; {artifact} is not published (--keep-failed-parity keeps it)", parity.failure());
+            anyhow::bail!("{}; {} is not published (--keep-failed-parity keeps it)", parity.failure(), P::MODEL_FILE);
         }
     }
-    ctx.reuse_input_artifact(input, artifact, artifact)?;
-    Ok(())
+    model.reuse_model(ctx)
 }

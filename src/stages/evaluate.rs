@@ -1,8 +1,13 @@
 //! Evaluation stages: COCO ground truth, the ONNX and PyTorch evaluations, the user's own
 //! PyTorch evaluation, and the comparison.
 
-use super::convert::{read_json, ModelInfo};
+use super::convert::ModelInfo;
+use super::wiring::{
+    ComparisonFile, EvaluatedModel, Evaluation, GroundTruthSet, Int8Model, Int8Side, OnnxModel, OnnxSide, Produces, PytorchSide,
+    ResolvedModel, Upstream, UserMetrics,
+};
 use crate::data::dataset::Dataset;
+use crate::engine::NodeHandle;
 use crate::engine::{Stage, StageContext};
 use crate::eval::coco::{self, CocoAnnotation, CocoCategory, CocoDetection, CocoGroundTruth, CocoImage, CocoMetrics};
 use crate::eval::compare::{Comparison, DatasetCheck, Headline, Int8Column, LatencyColumns};
@@ -68,10 +73,14 @@ impl Stage for GroundTruth {
         let ds = dataset_of(ctx)?;
         let gt = ground_truth(&ds, &self.class_names)?;
         let info = DatasetInfo { name: ds.name.clone(), hash: dataset_hash(ctx)?, images: ds.images.len() };
-        ctx.write_output("ground_truth_coco.json", serde_json::to_vec_pretty(&gt)?)?;
-        ctx.write_output("dataset.json", serde_json::to_vec_pretty(&info)?)?;
+        ctx.write_output(GroundTruthSet::COCO, serde_json::to_vec_pretty(&gt)?)?;
+        ctx.write_output(GroundTruthSet::DATASET, serde_json::to_vec_pretty(&info)?)?;
         Ok(())
     }
+}
+
+impl Produces for GroundTruth {
+    type Product = GroundTruthSet;
 }
 
 /// COCO ground truth of a dataset. Annotation ids start at 1 (pycocotools treats id 0 as
@@ -145,12 +154,29 @@ pub struct LatencyProbe<'a> {
     pub run: &'a mut dyn FnMut(&ImageBatch) -> anyhow::Result<std::time::Duration>,
 }
 
-/// Runs `detect` over the dataset and writes `<prefix>_metrics.json`,
-/// `<prefix>_predictions.json`, `ground_truth_coco.json` and `visualizations/`; with a
+/// The inputs every evaluation stage reads: the resolved model (class count, names, and for
+/// PyTorch the detector) and the dataset's ground truth.
+#[derive(Clone, Copy)]
+pub struct EvaluationInputs {
+    /// The detector's description.
+    pub model: Upstream<ResolvedModel>,
+    /// The dataset's COCO ground truth.
+    pub ground_truth: Upstream<GroundTruthSet>,
+}
+
+impl EvaluationInputs {
+    /// Both, for [`crate::engine::Stage::inputs`].
+    pub fn wire(&self) -> [(&'static str, NodeHandle); 2] {
+        [self.model.wire(), self.ground_truth.wire()]
+    }
+}
+
+/// Runs `detect` over the dataset and writes model `M`'s metrics and predictions
+/// ([`Evaluation`]'s file names), `ground_truth_coco.json` and `visualizations/`; with a
 /// `latency` probe, times the model on single images afterwards.
-pub fn evaluate_dataset(
+pub fn evaluate_dataset<M: EvaluatedModel>(
     ctx: &mut StageContext<'_>,
-    prefix: &str,
+    inputs: &EvaluationInputs,
     info: &ModelInfo,
     visualizations: usize,
     vis_score_thresh: f32,
@@ -159,9 +185,10 @@ pub fn evaluate_dataset(
 ) -> anyhow::Result<()> {
     let ds = dataset_of(ctx)?;
     ds.check_labels(info.params.num_classes)?;
-    let gt_bytes = ctx.read_input_artifact("ground_truth", "ground_truth_coco.json")?;
+    let prefix = M::PREFIX;
+    let gt_bytes = inputs.ground_truth.coco_bytes(ctx)?;
     let gt: CocoGroundTruth = serde_json::from_slice(&gt_bytes)?;
-    let dataset: DatasetInfo = read_json(ctx, "ground_truth", "dataset.json")?;
+    let dataset = inputs.ground_truth.dataset(ctx)?;
 
     // Decode in parallel, then run same-size neighbours as one batch.
     let images: Vec<RgbImage> = ds.images.par_iter().map(|img| RgbImage::load(&ds.image_path(img))).collect::<Result<_, _>>()?;
@@ -205,9 +232,9 @@ pub fn evaluate_dataset(
         None => None,
     };
     let file = MetricsFile { metrics, model: prefix.into(), dataset, producer: "mkonnx".into(), latency };
-    ctx.write_output(&format!("{prefix}_metrics.json"), serde_json::to_vec_pretty(&file)?)?;
-    ctx.write_output(&format!("{prefix}_predictions.json"), serde_json::to_vec(&predictions)?)?;
-    ctx.write_output("ground_truth_coco.json", &gt_bytes)?;
+    ctx.write_output(&Evaluation::<M>::metrics_file(), serde_json::to_vec_pretty(&file)?)?;
+    ctx.write_output(&Evaluation::<M>::predictions_file(), serde_json::to_vec(&predictions)?)?;
+    ctx.write_output(GroundTruthSet::COCO, &gt_bytes)?;
 
     let pictures: Vec<(String, Vec<u8>)> = images
         .par_iter()
@@ -236,7 +263,14 @@ pub const ONNX_LATENCY: &str =
 /// Stage `evaluate_onnx`: the ONNX model in ONNX Runtime over the dataset; metrics from a
 /// session without graph optimizations (parity with PyTorch), latency from one with ONNX
 /// Runtime's defaults.
-pub struct EvaluateOnnx(pub EvaluationOptions);
+pub struct EvaluateOnnx {
+    /// Pictures, threads.
+    pub options: EvaluationOptions,
+    /// The resolved model and the ground truth.
+    pub inputs: EvaluationInputs,
+    /// The model evaluated.
+    pub onnx: Upstream<OnnxModel>,
+}
 
 /// The options every evaluation stage (`evaluate_onnx`, `evaluate_pytorch`, `evaluate_int8`)
 /// takes from the command line; all of them are in its key.
@@ -267,19 +301,28 @@ impl Stage for EvaluateOnnx {
         2 // 2: latency
     }
     fn params(&self) -> serde_json::Value {
-        self.0.params()
+        self.options.params()
+    }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        let mut inputs = self.inputs.wire().to_vec();
+        inputs.push(self.onnx.wire());
+        inputs
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.0;
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let onnx = ctx.input_artifact("onnx", "model.onnx")?;
+        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.options;
+        let info = self.inputs.model.info(ctx)?;
+        let onnx = self.onnx.model(ctx)?;
         let detector = OnnxDetector::load(&onnx, threads)?;
         // The metrics come from the unoptimized session (equal to eager PyTorch); latency
         // from a second session as a user deploys the model.
         let deployed = OnnxDetector::load_with(&onnx, threads, Optimization::Deployed)?;
         let probe = LatencyProbe { threads, measured: ONNX_LATENCY.into(), run: &mut |b| deployed.time(b) };
-        evaluate_dataset(ctx, "onnx", &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
+        evaluate_dataset::<OnnxSide>(ctx, &self.inputs, &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
     }
+}
+
+impl Produces for EvaluateOnnx {
+    type Product = Evaluation<OnnxSide>;
 }
 
 /// Stage `pytorch_metrics_from_user`: the user's own evaluation (`eval_<ds>_<ckpt>/`),
@@ -301,9 +344,13 @@ impl Stage for UserPytorchMetrics {
         let headline = user_headline(&v).with_context(|| {
             format!("{}: no COCO metrics found (expected `stats` with 12 numbers, or AP/AP50/AP75/AR100)", path.display())
         })?;
-        ctx.write_output("headline.json", serde_json::to_vec_pretty(&headline)?)?;
+        ctx.write_output(UserMetrics::FILE, serde_json::to_vec_pretty(&headline)?)?;
         Ok(())
     }
+}
+
+impl Produces for UserPytorchMetrics {
+    type Product = UserMetrics;
 }
 
 /// Reads the headline metrics out of a user's metrics JSON.
@@ -324,10 +371,42 @@ pub fn user_headline(v: &serde_json::Value) -> Option<Headline> {
     })
 }
 
+/// File input of `compare`: the ground truth of the user's own evaluation, when it has one.
+pub const USER_GROUND_TRUTH_INPUT: &str = "user_ground_truth";
+
+/// Where `compare` takes the PyTorch side from.
+#[derive(Clone, Copy)]
+pub enum PytorchMetrics {
+    /// mkonnx's own evaluation on libtorch.
+    Evaluated(Upstream<Evaluation<PytorchSide>>),
+    /// The user's evaluation in the run directory.
+    User {
+        /// Its metrics, normalized.
+        headline: Upstream<UserMetrics>,
+        /// Whether its ground truth is the stage's [`USER_GROUND_TRUTH_INPUT`] file.
+        with_ground_truth: bool,
+    },
+}
+
+/// The INT8 column's inputs.
+#[derive(Clone, Copy)]
+pub struct Int8Inputs {
+    /// The INT8 model's evaluation.
+    pub evaluation: Upstream<Evaluation<Int8Side>>,
+    /// How the model was made (its calibration).
+    pub model: Upstream<Int8Model>,
+}
+
 /// Stage `compare`: `comparison.json` from both sides' metrics.
 pub struct Compare {
     /// Where the PyTorch metrics come from, for the file ("libtorch (mkonnx)" or a path).
     pub pytorch_source: Option<String>,
+    /// The ONNX model's evaluation.
+    pub onnx: Upstream<Evaluation<OnnxSide>>,
+    /// The PyTorch side.
+    pub pytorch: PytorchMetrics,
+    /// The INT8 model's column, with `--quantize int8`.
+    pub int8: Option<Int8Inputs>,
 }
 
 impl Stage for Compare {
@@ -340,62 +419,52 @@ impl Stage for Compare {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "pytorch_source": self.pytorch_source })
     }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        let pytorch = match self.pytorch {
+            PytorchMetrics::Evaluated(e) => e.wire(),
+            PytorchMetrics::User { headline, .. } => headline.wire(),
+        };
+        let mut inputs = vec![self.onnx.wire(), pytorch];
+        if let Some(int8) = self.int8 {
+            inputs.extend([int8.evaluation.wire(), int8.model.wire()]);
+        }
+        inputs
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let onnx: MetricsFile = read_json(ctx, "onnx_eval", "onnx_metrics.json")?;
-        let ours_gt = ctx.read_input_artifact("onnx_eval", "ground_truth_coco.json")?;
-        let inputs = ctx.node_inputs().into_iter().map(str::to_string).collect::<Vec<_>>();
-        let pytorch = if inputs.iter().any(|i| i == "pytorch_eval") {
-            let m: MetricsFile = read_json(ctx, "pytorch_eval", "pytorch_metrics.json")?;
-            let gt = ctx.read_input_artifact("pytorch_eval", "ground_truth_coco.json")?;
-            Some((Headline::from_stats(&m.metrics.stats), Some(m.dataset.hash), Some(m.dataset.images), Some(gt == ours_gt)))
-        } else if inputs.iter().any(|i| i == "pytorch_user") {
-            let h: Headline = read_json(ctx, "pytorch_user", "headline.json")?;
-            let same_gt = ctx.file_inputs().iter().find(|(n, _)| *n == "user_ground_truth").map(|(_, p)| same_ground_truth(p, &ours_gt));
-            Some((h, None, None, same_gt))
-        } else {
-            None
+        let onnx = self.onnx.metrics(ctx)?;
+        let ours_gt = self.onnx.ground_truth_bytes(ctx)?;
+        let (headline, hash, images, same_gt, pytorch_latency) = match self.pytorch {
+            PytorchMetrics::Evaluated(evaluation) => {
+                let m = evaluation.metrics(ctx)?;
+                let gt = evaluation.ground_truth_bytes(ctx)?;
+                (Headline::from_stats(&m.metrics.stats), Some(m.dataset.hash), Some(m.dataset.images), Some(gt == ours_gt), m.latency)
+            }
+            PytorchMetrics::User { headline, with_ground_truth } => {
+                let same_gt = match with_ground_truth {
+                    true => Some(same_ground_truth(ctx.input_file(USER_GROUND_TRUTH_INPUT)?, &ours_gt)),
+                    false => None,
+                };
+                (headline.headline(ctx)?, None, None, same_gt, None)
+            }
+        };
+        let consistent = hash.as_ref().is_none_or(|x| *x == onnx.dataset.hash)
+            && images.is_none_or(|n| n == onnx.dataset.images)
+            && same_gt != Some(false);
+        let check = DatasetCheck {
+            onnx_dataset_hash: onnx.dataset.hash.clone(),
+            pytorch_dataset_hash: hash,
+            onnx_images: onnx.dataset.images,
+            pytorch_images: images,
+            same_ground_truth: same_gt,
+            consistent,
         };
         let source = self.pytorch_source.clone().unwrap_or_default();
-        let (headline, check) = match pytorch {
-            Some((h, hash, images, same_gt)) => {
-                let consistent = hash.as_ref().is_none_or(|x| *x == onnx.dataset.hash)
-                    && images.is_none_or(|n| n == onnx.dataset.images)
-                    && same_gt != Some(false);
-                (
-                    Some((h, source)),
-                    DatasetCheck {
-                        onnx_dataset_hash: onnx.dataset.hash.clone(),
-                        pytorch_dataset_hash: hash,
-                        onnx_images: onnx.dataset.images,
-                        pytorch_images: images,
-                        same_ground_truth: same_gt,
-                        consistent,
-                    },
-                )
-            }
-            None => (
-                None,
-                DatasetCheck {
-                    onnx_dataset_hash: onnx.dataset.hash.clone(),
-                    pytorch_dataset_hash: None,
-                    onnx_images: onnx.dataset.images,
-                    pytorch_images: None,
-                    same_ground_truth: None,
-                    consistent: true,
-                },
-            ),
-        };
-        let pytorch_latency = if inputs.iter().any(|i| i == "pytorch_eval") {
-            read_json::<MetricsFile>(ctx, "pytorch_eval", "pytorch_metrics.json")?.latency
-        } else {
-            None
-        };
         let float32 = Headline::from_stats(&onnx.metrics.stats);
-        let mut comparison = Comparison::new(float32, headline, check);
+        let mut comparison = Comparison::new(float32, Some((headline, source)), check);
         comparison.latency = LatencyColumns { pytorch: pytorch_latency, onnx: onnx.latency.clone(), int8: None };
-        if inputs.iter().any(|i| i == "int8_eval") {
-            let int8: MetricsFile = read_json(ctx, "int8_eval", "int8_metrics.json")?;
-            let quantization: super::quantize::QuantizationReport = read_json(ctx, "quantization", "quantization.json")?;
+        if let Some(Int8Inputs { evaluation, model }) = self.int8 {
+            let int8 = evaluation.metrics(ctx)?;
+            let quantization = model.report(ctx)?;
             comparison.int8 = Some(Int8Column::new(
                 Headline::from_stats(&int8.metrics.stats),
                 &float32,
@@ -404,9 +473,13 @@ impl Stage for Compare {
             ));
             comparison.latency.int8 = int8.latency;
         }
-        ctx.write_output("comparison.json", serde_json::to_vec_pretty(&comparison)?)?;
+        ctx.write_output(ComparisonFile::FILE, serde_json::to_vec_pretty(&comparison)?)?;
         Ok(())
     }
+}
+
+impl Produces for Compare {
+    type Product = ComparisonFile;
 }
 
 /// Whether a user's ground-truth file describes the same images and annotations as ours

@@ -21,12 +21,14 @@ pub mod evaluate;
 pub mod parity;
 pub mod quantize;
 pub mod summary;
+pub mod wiring;
 
 use crate::data::dataset::{Dataset, INDEX_FILE};
 use crate::data::run_dir::{file_tag, RunDir};
 use crate::engine::{Graph, NodeHandle, NodeSpec};
 use crate::runtime::{Detections, RgbImage};
 use std::path::PathBuf;
+use wiring::{add, Int8Model, OnnxModel, Planned};
 
 pub use crate::runtime::pytorch::Device;
 
@@ -118,71 +120,63 @@ pub fn plan(req: &BuildRequest) -> (Graph, Vec<PlannedRun>) {
     (g, planned)
 }
 
-/// Adds one run's nodes to `g`, recording them in `p` as they are added.
+/// Adds one run's nodes to `g`, recording them in `p` as they are added. Each stage value
+/// is built from the nodes it reads (see [`wiring`]): the types say which connects where.
 fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun) -> anyhow::Result<()> {
     let label = p.label.clone();
     let onnx_dir = run.onnx_dir();
-    let model =
-        g.add(NodeSpec::new(convert::ResolveModel).label(&label).file("checkpoint", &run.checkpoint).file("config", &run.config))?;
-    p.model = Some(model);
-    let onnx = g.add(NodeSpec::new(convert::ExportOnnx).label(&label).file("checkpoint", &run.checkpoint).input("model", model))?;
+    let model = add(g, convert::ResolveModel, |s| s.label(&label).file("checkpoint", &run.checkpoint).file("config", &run.config))?;
+    p.model = Some(model.handle());
+    let onnx = add(g, convert::ExportOnnx { model: model.as_input("model") }, |s| s.label(&label).file("checkpoint", &run.checkpoint))?;
 
     let sample = req.image_input.clone().or_else(|| req.dataset.as_ref().and_then(|d| d.images.first().map(|i| d.image_path(i))));
-    if let (true, Some(image)) = (req.parity, sample) {
-        p.parity = Some(
-            g.add(
-                NodeSpec::new(parity::ParityCheck {
-                    device: req.device,
-                    threads: req.threads,
-                    sample_name: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                })
-                .label(&label)
-                .file("checkpoint", &run.checkpoint)
-                .file("image", &image)
-                .input("model", model)
-                .input("onnx", onnx),
-            )?,
-        );
-    }
-    let mut publish = NodeSpec::new(convert::PublishModel { keep_failed_parity: req.keep_failed_parity })
-        .label(&label)
-        .input("onnx", onnx)
-        .materialize("model.onnx", onnx_dir.join("model.onnx"));
-    let mut summary = NodeSpec::new(summary::ConversionSummary {
+    let parity = match (req.parity, sample) {
+        (true, Some(image)) => {
+            let check = parity::ParityCheck {
+                device: req.device,
+                threads: req.threads,
+                sample_name: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                model: model.as_input("model"),
+                onnx: onnx.as_input("onnx"),
+            };
+            Some(add(g, check, |s| s.label(&label).file("checkpoint", &run.checkpoint).file("image", &image))?)
+        }
+        _ => None,
+    };
+    p.parity = parity.map(Planned::handle);
+    let parity_input = parity.map(|n| n.as_input("parity"));
+    let publish = convert::PublishModel { keep_failed_parity: req.keep_failed_parity, onnx: onnx.as_input("onnx"), parity: parity_input };
+    p.publish = Some(add(g, publish, |s| s.label(&label).materialize(OnnxModel::FILE, onnx_dir.join(OnnxModel::FILE)))?.handle());
+    let summary = summary::ConversionSummary {
         checkpoint_name: file_tag_name(run),
         keep_failed_parity: req.keep_failed_parity,
         int8_calibration: req.int8.as_ref().map(|q| q.settings.clone()),
-    })
-    .label(&label)
-    .file("checkpoint", &run.checkpoint)
-    .file("config", &run.config)
-    .input("model", model)
-    .input("onnx", onnx)
-    .materialize("conversion_summary.txt", onnx_dir.join("conversion_summary.txt"));
-    if let Some(parity) = p.parity {
-        publish = publish.input("parity", parity);
-        summary = summary.input("parity", parity);
-    }
-    p.publish = Some(g.add(publish)?);
-    g.add(summary)?;
+        model: model.as_input("model"),
+        onnx: onnx.as_input("onnx"),
+        parity: parity_input,
+    };
+    add(g, summary, |s| {
+        s.label(&label)
+            .file("checkpoint", &run.checkpoint)
+            .file("config", &run.config)
+            .materialize(wiring::Summary::FILE, onnx_dir.join(wiring::Summary::FILE))
+    })?;
 
     let int8 = match &req.int8 {
         Some(q) => {
-            let mut calibrate =
-                NodeSpec::new(quantize::Calibrate { settings: q.settings.clone(), threads: req.threads }).label(&label).input("onnx", onnx);
-            for (i, image) in q.images.iter().enumerate() {
-                calibrate = calibrate.file(quantize::calibration_input_name(i, image), image);
-            }
-            let calibration = g.add(calibrate)?;
-            let quantized = g.add(NodeSpec::new(quantize::Quantize).label(&label).input("onnx", onnx).input("calibration", calibration))?;
-            let mut publish_int8 = NodeSpec::new(convert::PublishInt8 { keep_failed_parity: req.keep_failed_parity })
-                .label(&label)
-                .input("int8", quantized)
-                .materialize("model.int8.onnx", onnx_dir.join("model.int8.onnx"));
-            if let Some(parity) = p.parity {
-                publish_int8 = publish_int8.input("parity", parity);
-            }
-            g.add(publish_int8)?;
+            let calibrate = quantize::Calibrate { settings: q.settings.clone(), threads: req.threads, onnx: onnx.as_input("onnx") };
+            let calibration = add(g, calibrate, |mut s| {
+                s = s.label(&label);
+                for (i, image) in q.images.iter().enumerate() {
+                    s = s.file(quantize::calibration_input_name(i, image), image);
+                }
+                s
+            })?;
+            let quantize = quantize::Quantize { onnx: onnx.as_input("onnx"), calibration: calibration.as_input("calibration") };
+            let quantized = add(g, quantize, |s| s.label(&label))?;
+            let publish_int8 =
+                convert::PublishInt8 { keep_failed_parity: req.keep_failed_parity, int8: quantized.as_input("int8"), parity: parity_input };
+            add(g, publish_int8, |s| s.label(&label).materialize(Int8Model::FILE, onnx_dir.join(Int8Model::FILE)))?;
             Some(quantized)
         }
         None => None,
@@ -193,66 +187,53 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
     // only by runs with the same class names. A config that cannot be read fails this run
     // in `resolve_model`, with its own error; there is nothing to evaluate.
     let Ok(class_names) = planned_class_names(run) else { return Ok(()) };
-    let gt = g.add(
-        with_dataset(
-            NodeSpec::new(evaluate::GroundTruth { class_names: class_names.clone() })
-                .identity(format!("classes:{}", serde_json::to_string(&class_names)?)),
-            ds,
-        )
-        .label(&label),
-    )?;
-    let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.onnx"))));
+    let identity = format!("classes:{}", serde_json::to_string(&class_names)?);
+    let gt = add(g, evaluate::GroundTruth { class_names }, |s| with_dataset(s.identity(identity), ds).label(&label))?;
     // An evaluation: the dataset's files, the resolved model and the ground truth in, its
     // directory of metrics, predictions and pictures out.
-    let eval_options =
+    let options =
         evaluate::EvaluationOptions { visualizations: req.visualizations, vis_score_thresh: req.vis_score_thresh, threads: req.threads };
-    let evaluation = |stage: NodeSpec, dest: std::path::PathBuf| {
-        with_dataset(stage, ds).label(&label).input("model", model).input("ground_truth", gt).materialize_dir("", dest)
-    };
-    let onnx_eval = g.add(evaluation(NodeSpec::new(evaluate::EvaluateOnnx(eval_options)), onnx_eval_dir).input("onnx", onnx))?;
+    let inputs = evaluate::EvaluationInputs { model: model.as_input("model"), ground_truth: gt.as_input("ground_truth") };
+    let evaluation = |s: NodeSpec, dest: PathBuf| with_dataset(s, ds).label(&label).materialize_dir("", dest);
+    let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new(OnnxModel::FILE))));
+    let onnx_eval = add(g, evaluate::EvaluateOnnx { options, inputs, onnx: onnx.as_input("onnx") }, |s| evaluation(s, onnx_eval_dir))?;
     let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
-    let cmp = match evaluate::find_user_evaluation(&pt_dir) {
+    let user_evaluation = evaluate::find_user_evaluation(&pt_dir);
+    let (pytorch, pytorch_source, user_ground_truth) = match user_evaluation {
         Some((metrics, user_gt)) => {
             let source = format!(
                 "{}/{}",
                 pt_dir.file_name().unwrap_or_default().to_string_lossy(),
                 metrics.file_name().unwrap_or_default().to_string_lossy()
             );
-            let user = g.add(NodeSpec::new(evaluate::UserPytorchMetrics).label(&label).file("metrics", &metrics))?;
-            let cmp = NodeSpec::new(evaluate::Compare { pytorch_source: Some(format!("user evaluation {source}")) })
-                .label(&label)
-                .input("onnx_eval", onnx_eval)
-                .input("pytorch_user", user);
-            match user_gt {
-                Some(p) => cmp.file("user_ground_truth", p),
-                None => cmp,
-            }
+            let user = add(g, evaluate::UserPytorchMetrics, |s| s.label(&label).file("metrics", &metrics))?;
+            let pytorch = evaluate::PytorchMetrics::User { headline: user.as_input("pytorch_user"), with_ground_truth: user_gt.is_some() };
+            (pytorch, format!("user evaluation {source}"), user_gt)
         }
         None => {
-            let pt = g.add(
-                evaluation(NodeSpec::new(parity::EvaluatePytorch { device: req.device, options: eval_options }), pt_dir)
-                    .file("checkpoint", &run.checkpoint),
-            )?;
-            NodeSpec::new(evaluate::Compare { pytorch_source: Some("libtorch (mkonnx)".into()) })
-                .label(&label)
-                .input("onnx_eval", onnx_eval)
-                .input("pytorch_eval", pt)
+            let stage = parity::EvaluatePytorch { device: req.device, options, inputs };
+            let pt = add(g, stage, |s| evaluation(s, pt_dir).file("checkpoint", &run.checkpoint))?;
+            (evaluate::PytorchMetrics::Evaluated(pt.as_input("pytorch_eval")), "libtorch (mkonnx)".to_string(), None)
         }
     };
-    let cmp = match int8 {
+    let int8 = match int8 {
         Some(quantized) => {
-            let int8_eval = g.add(
-                evaluation(
-                    NodeSpec::new(quantize::EvaluateInt8(eval_options)),
-                    run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new("model.int8.onnx")))),
-                )
-                .input("int8", quantized),
-            )?;
-            cmp.input("int8_eval", int8_eval).input("quantization", quantized)
+            let int8_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new(Int8Model::FILE))));
+            let stage = quantize::EvaluateInt8 { options, inputs, int8: quantized.as_input("int8") };
+            let int8_eval = add(g, stage, |s| evaluation(s, int8_eval_dir))?;
+            Some(evaluate::Int8Inputs { evaluation: int8_eval.as_input("int8_eval"), model: quantized.as_input("quantization") })
         }
-        None => cmp,
+        None => None,
     };
-    p.compare = Some(g.add(cmp.materialize("comparison.json", onnx_dir.join("comparison.json")))?);
+    let compare = evaluate::Compare { pytorch_source: Some(pytorch_source), onnx: onnx_eval.as_input("onnx_eval"), pytorch, int8 };
+    let compared = add(g, compare, |mut s| {
+        s = s.label(&label).materialize(wiring::ComparisonFile::FILE, onnx_dir.join(wiring::ComparisonFile::FILE));
+        if let Some(path) = user_ground_truth {
+            s = s.file(evaluate::USER_GROUND_TRUTH_INPUT, path);
+        }
+        s
+    })?;
+    p.compare = Some(compared.handle());
     Ok(())
 }
 

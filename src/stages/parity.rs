@@ -2,8 +2,9 @@
 //! check of a conversion on its sample image, and the PyTorch-side evaluation when the user
 //! has none.
 
-use super::convert::{read_json, ModelInfo};
-use super::evaluate::{evaluate_dataset, EvaluationOptions, LatencyProbe};
+use super::convert::ModelInfo;
+use super::evaluate::{evaluate_dataset, EvaluationInputs, EvaluationOptions, LatencyProbe};
+use super::wiring::{self, Evaluation, OnnxModel, Produces, PytorchSide, ResolvedModel, Upstream};
 use super::Device;
 use crate::engine::{Stage, StageContext};
 use crate::eval::parity::{compare, ParityResult, ONNX_TOLERANCE};
@@ -60,6 +61,10 @@ pub struct ParityCheck {
     pub threads: usize,
     /// The sample's file name, for the report.
     pub sample_name: String,
+    /// The PyTorch side: the detector (its weights are the stage's `checkpoint` file).
+    pub model: Upstream<ResolvedModel>,
+    /// The ONNX side.
+    pub onnx: Upstream<OnnxModel>,
 }
 
 impl Stage for ParityCheck {
@@ -72,18 +77,25 @@ impl Stage for ParityCheck {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "device": self.device, "sample": self.sample_name, "threads": self.threads })
     }
+    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
+        vec![self.model.wire(), self.onnx.wire()]
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let info = self.model.info(ctx)?;
         let image = RgbImage::load(ctx.input_file("image")?)?;
         let batch = image.to_batch();
         let torch = start_runner(ctx, &info, self.device, self.threads)?.detect(&batch)?.remove(0);
-        let onnx = OnnxDetector::load(&ctx.input_artifact("onnx", "model.onnx")?, self.threads)?.detect(&batch)?.remove(0);
+        let onnx = OnnxDetector::load(&self.onnx.model(ctx)?, self.threads)?.detect(&batch)?.remove(0);
         let result = compare(&torch, &onnx, ONNX_TOLERANCE, info.params.box_score_thresh);
         // A failed check is a result, not an error: `publish_model` decides what it means.
         let report = ParityReport { image: self.sample_name.clone(), passed: result.passed(ONNX_TOLERANCE), result };
-        ctx.write_output("parity.json", serde_json::to_vec_pretty(&report)?)?;
+        ctx.write_output(wiring::Parity::FILE, serde_json::to_vec_pretty(&report)?)?;
         Ok(())
     }
+}
+
+impl Produces for ParityCheck {
+    type Product = wiring::Parity;
 }
 
 /// Stage `evaluate_pytorch`: the PyTorch model on libtorch over the dataset.
@@ -92,6 +104,8 @@ pub struct EvaluatePytorch {
     pub device: Device,
     /// Pictures, threads (libtorch's).
     pub options: EvaluationOptions,
+    /// The detector (its weights are the stage's `checkpoint` file) and the ground truth.
+    pub inputs: EvaluationInputs,
 }
 
 impl Stage for EvaluatePytorch {
@@ -106,9 +120,12 @@ impl Stage for EvaluatePytorch {
         params["device"] = serde_json::json!(self.device);
         params
     }
+    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
+        self.inputs.wire().to_vec()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.options;
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
+        let info = self.inputs.model.info(ctx)?;
         let runner = std::sync::Mutex::new(start_runner(ctx, &info, self.device, threads)?);
         let lock = || runner.lock().map_err(|_| anyhow::anyhow!("PyTorch runner lock poisoned"));
         let probe = LatencyProbe {
@@ -116,8 +133,20 @@ impl Stage for EvaluatePytorch {
             measured: format!("libtorch (mkonnx-torch runner), {}; model compute inside the runner, no pipe transfer", self.device.name()),
             run: &mut |b| Ok(lock()?.detect_timed(b)?.1),
         };
-        evaluate_dataset(ctx, "pytorch", &info, visualizations, vis_score_thresh, &|b| Ok(lock()?.detect(b)?), Some(probe))
+        evaluate_dataset::<PytorchSide>(
+            ctx,
+            &self.inputs,
+            &info,
+            visualizations,
+            vis_score_thresh,
+            &|b| Ok(lock()?.detect(b)?),
+            Some(probe),
+        )
     }
+}
+
+impl Produces for EvaluatePytorch {
+    type Product = Evaluation<PytorchSide>;
 }
 
 /// The PyTorch model of `info` on the stage's checkpoint, in a started `mkonnx-torch`.

@@ -4,8 +4,9 @@
 //! model in ONNX Runtime with its default optimizations, which fuse QDQ into integer kernels).
 //! `compare` then gives the INT8 column.
 
-use super::convert::{read_json, ModelInfo};
-use super::evaluate::{evaluate_dataset, EvaluationOptions, LatencyProbe};
+use super::evaluate::{evaluate_dataset, EvaluationInputs, EvaluationOptions, LatencyProbe};
+use super::wiring::{CalibrationRanges, Evaluation, Int8Model, Int8Side, OnnxModel, Produces, Upstream};
+use crate::engine::NodeHandle;
 use crate::engine::{Stage, StageContext};
 use crate::onnx::quantize::{self, CalibrationMethod, QuantizeSummary, Range, RangeCollector};
 use crate::runtime::onnx::{OnnxDetector, Optimization};
@@ -108,6 +109,8 @@ pub struct Calibrate {
     pub settings: CalibrationSettings,
     /// ONNX Runtime intra-op threads (in the key: the last bits of activations depend on it).
     pub threads: usize,
+    /// The float32 model.
+    pub onnx: Upstream<OnnxModel>,
 }
 
 impl Stage for Calibrate {
@@ -120,8 +123,11 @@ impl Stage for Calibrate {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "settings": self.settings, "threads": self.threads })
     }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        vec![self.onnx.wire()]
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let onnx_path = ctx.input_artifact("onnx", "model.onnx")?;
+        let onnx_path = self.onnx.model(ctx)?;
         let model = crate::onnx::proto::ModelProto::decode(std::fs::read(&onnx_path)?.as_slice())
             .with_context(|| format!("{} is not an ONNX model", onnx_path.display()))?;
         let (prepared, _) = quantize::prepare(&model)?;
@@ -144,9 +150,13 @@ impl Stage for Calibrate {
         }
         let calibration =
             Calibration { settings: self.settings.clone(), images: images.into_iter().map(|(name, _)| name).collect(), ranges };
-        ctx.write_output("calibration.json", serde_json::to_vec_pretty(&calibration)?)?;
+        ctx.write_output(CalibrationRanges::FILE, serde_json::to_vec_pretty(&calibration)?)?;
         Ok(())
     }
+}
+
+impl Produces for Calibrate {
+    type Product = CalibrationRanges;
 }
 
 /// `quantization.json`: how the INT8 model was made.
@@ -161,7 +171,12 @@ pub struct QuantizationReport {
 }
 
 /// Stage `quantize`: `model.int8.onnx` from the float32 model and the calibration.
-pub struct Quantize;
+pub struct Quantize {
+    /// The float32 model.
+    pub onnx: Upstream<OnnxModel>,
+    /// Its activation ranges.
+    pub calibration: Upstream<CalibrationRanges>,
+}
 
 impl Stage for Quantize {
     fn name(&self) -> &'static str {
@@ -170,18 +185,25 @@ impl Stage for Quantize {
     fn version(&self) -> u32 {
         1
     }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        vec![self.onnx.wire(), self.calibration.wire()]
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let onnx_path = ctx.input_artifact("onnx", "model.onnx")?;
+        let onnx_path = self.onnx.model(ctx)?;
         let model = crate::onnx::proto::ModelProto::decode(std::fs::read(&onnx_path)?.as_slice())
             .with_context(|| format!("{} is not an ONNX model", onnx_path.display()))?;
-        let calibration: Calibration = read_json(ctx, "calibration", "calibration.json")?;
+        let calibration = self.calibration.calibration(ctx)?;
         let (prepared, folded) = quantize::prepare(&model)?;
         let (int8, summary) = quantize::quantize(&prepared, folded, &calibration.ranges)?;
-        ctx.write_output_with("model.int8.onnx", |w| crate::onnx::write_model(&int8, w))?;
+        ctx.write_output_with(Int8Model::FILE, |w| crate::onnx::write_model(&int8, w))?;
         let report = QuantizationReport { calibration: calibration.settings, calibration_images: calibration.images, summary };
-        ctx.write_output("quantization.json", serde_json::to_vec_pretty(&report)?)?;
+        ctx.write_output(Int8Model::REPORT, serde_json::to_vec_pretty(&report)?)?;
         Ok(())
     }
+}
+
+impl Produces for Quantize {
+    type Product = Int8Model;
 }
 
 /// What INT8 latency measures (see [`crate::eval::latency`]).
@@ -190,7 +212,14 @@ pub const INT8_LATENCY: &str = "ONNX Runtime, default graph optimizations (QDQ f
 
 /// Stage `evaluate_int8`: the INT8 model in ONNX Runtime (default optimizations) over the
 /// dataset, with its latency.
-pub struct EvaluateInt8(pub EvaluationOptions);
+pub struct EvaluateInt8 {
+    /// Pictures, threads.
+    pub options: EvaluationOptions,
+    /// The resolved model and the ground truth.
+    pub inputs: EvaluationInputs,
+    /// The model evaluated.
+    pub int8: Upstream<Int8Model>,
+}
 
 impl Stage for EvaluateInt8 {
     fn name(&self) -> &'static str {
@@ -200,14 +229,23 @@ impl Stage for EvaluateInt8 {
         1
     }
     fn params(&self) -> serde_json::Value {
-        self.0.params()
+        self.options.params()
+    }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        let mut inputs = self.inputs.wire().to_vec();
+        inputs.push(self.int8.wire());
+        inputs
     }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.0;
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let model = ctx.input_artifact("int8", "model.int8.onnx")?;
+        let EvaluationOptions { visualizations, vis_score_thresh, threads } = self.options;
+        let info = self.inputs.model.info(ctx)?;
+        let model = self.int8.model(ctx)?;
         let detector = OnnxDetector::load_with(&model, threads, Optimization::Deployed)?;
         let probe = LatencyProbe { threads, measured: INT8_LATENCY.into(), run: &mut |b| detector.time(b) };
-        evaluate_dataset(ctx, "int8", &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
+        evaluate_dataset::<Int8Side>(ctx, &self.inputs, &info, visualizations, vis_score_thresh, &|b| Ok(detector.detect(b)?), Some(probe))
     }
+}
+
+impl Produces for EvaluateInt8 {
+    type Product = Evaluation<Int8Side>;
 }

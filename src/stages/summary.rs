@@ -1,8 +1,9 @@
 //! Stage `conversion_summary`: `onnx_model/conversion_summary.txt`.
 
-use super::convert::{read_json, ModelInfo};
+use super::convert::ModelInfo;
 use super::parity::ParityReport;
-use crate::engine::{Stage, StageContext};
+use super::wiring::{OnnxModel, Parity, Produces, ResolvedModel, Summary, Upstream};
+use crate::engine::{NodeHandle, Stage, StageContext};
 use std::fmt::Write;
 
 /// Writes the human-readable summary of a conversion.
@@ -14,6 +15,12 @@ pub struct ConversionSummary {
     /// With `--quantize int8`: how the INT8 model is calibrated (the settings, not the
     /// images' content, so that a new calibration set does not rerun the summary).
     pub int8_calibration: Option<super::quantize::CalibrationSettings>,
+    /// The detector's description.
+    pub model: Upstream<ResolvedModel>,
+    /// The exported model (its size and hash).
+    pub onnx: Upstream<OnnxModel>,
+    /// Its parity check, when one was asked for.
+    pub parity: Option<Upstream<Parity>>,
 }
 
 impl Stage for ConversionSummary {
@@ -30,12 +37,14 @@ impl Stage for ConversionSummary {
             "int8_calibration": self.int8_calibration,
         })
     }
+    fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
+        [Some(self.model.wire()), Some(self.onnx.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        let info: ModelInfo = read_json(ctx, "model", "model.json")?;
-        let onnx_size = std::fs::metadata(ctx.input_artifact("onnx", "model.onnx")?)?.len();
-        let onnx_hash = ctx.input_artifact_hash("onnx", "model.onnx")?;
-        let parity: Option<ParityReport> =
-            if ctx.node_inputs().contains(&"parity") { Some(read_json(ctx, "parity", "parity.json")?) } else { None };
+        let info = self.model.info(ctx)?;
+        let onnx_size = std::fs::metadata(self.onnx.model(ctx)?)?.len();
+        let onnx_hash = self.onnx.model_hash(ctx)?;
+        let parity: Option<ParityReport> = self.parity.map(|p| p.report(ctx)).transpose()?;
         let text = render(
             self,
             &info,
@@ -45,9 +54,13 @@ impl Stage for ConversionSummary {
             onnx_size,
             parity.as_ref(),
         );
-        ctx.write_output("conversion_summary.txt", text)?;
+        ctx.write_output(Summary::FILE, text)?;
         Ok(())
     }
+}
+
+impl Produces for ConversionSummary {
+    type Product = Summary;
 }
 
 fn render(
