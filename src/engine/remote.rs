@@ -34,7 +34,7 @@
 //! engine's worker threads stay plain threads.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -47,7 +47,7 @@ use object_store::{ClientOptions, GetResultPayload, ObjectStore, PutMode, PutOpt
 use serde::{Deserialize, Serialize};
 
 use super::hash::{output_set_hash, Hash};
-use super::store::{EarlyWriteback, RemoveDirOnDrop, Store, StoredResult};
+use super::store::{DirectWriter, RemoveDirOnDrop, Store, StoredResult};
 use super::EngineError;
 
 /// Name of the format marker object under the remote's prefix.
@@ -540,9 +540,8 @@ impl RemoteStore {
         let scratch = local.scratch_dir()?;
         let _cleanup = RemoveDirOnDrop(scratch.clone());
         let temp = scratch.join("download");
-        let file = File::create(&temp).map_err(|e| EngineError::io("create", &temp, e))?;
-        // Writeback starts while the download goes on, so the fsync in commit_blob is short.
-        let mut file = EarlyWriteback::new(file);
+        // Around the page cache where the filesystem allows it: see DirectWriter.
+        let mut file = DirectWriter::create(&temp).map_err(|e| EngineError::io("create", &temp, e))?;
         let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
         // Network chunks are small (kilobytes): they are gathered, then hashed (in parallel
@@ -602,10 +601,9 @@ impl RemoteStore {
             }
             take(&[], &mut block, true)
         })();
-        file.flush().map_err(|e| EngineError::io("write", &temp, e))?;
         bump(&self.counters.bytes_downloaded, received);
         streamed?;
-        drop(file);
+        file.finish().map_err(|e| EngineError::io("write", &temp, e))?;
         if received != artifact.size {
             return Err(damaged(format!("{received} bytes, its record says {}", artifact.size)));
         }
