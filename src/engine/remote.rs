@@ -57,7 +57,7 @@ const FORMAT_NAME: &str = "mkonnx-remote";
 /// The layout version this build reads and writes (records, blobs, marker).
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Downloaded bytes are hashed and written in blocks of this size.
+/// A `file://` remote's object is read in blocks of this size.
 const DOWNLOAD_BLOCK: usize = 4 << 20;
 
 /// Test hook, documented as such: when set, the first record upload of the process is
@@ -542,28 +542,12 @@ impl RemoteStore {
         let temp = scratch.join("download");
         // Around the page cache where the filesystem allows it: see DirectWriter.
         let mut file = DirectWriter::create(&temp).map_err(|e| EngineError::io("create", &temp, e))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut received = 0u64;
-        // Network chunks are small (kilobytes): they are gathered, then hashed (in parallel
-        // when large enough) and written in blocks of DOWNLOAD_BLOCK bytes.
-        let mut block: Vec<u8> = Vec::with_capacity(DOWNLOAD_BLOCK);
-        let mut absorb = |block: &mut Vec<u8>| -> Result<(), RemoteError> {
-            super::hash::update(&mut hasher, block);
-            file.write_all(block).map_err(|e| EngineError::io("write", &temp, e))?;
-            block.clear();
-            Ok(())
-        };
-        // Takes a chunk in; `last` absorbs whatever is left.
-        let mut take = |chunk: &[u8], block: &mut Vec<u8>, last: bool| -> Result<(), RemoteError> {
-            received += chunk.len() as u64;
-            if received > artifact.size {
+        // Takes a chunk in: written and hashed by `file` in blocks of 4 MiB.
+        let take = |chunk: &[u8], file: &mut DirectWriter| -> Result<(), RemoteError> {
+            if file.written() + chunk.len() as u64 > artifact.size {
                 return Err(damaged(format!("longer than the {} bytes its record says", artifact.size)));
             }
-            block.extend_from_slice(chunk);
-            if last || block.len() >= DOWNLOAD_BLOCK {
-                absorb(block)?;
-            }
-            Ok(())
+            file.write_all(chunk).map_err(|e| EngineError::io("write", &temp, e).into())
         };
         let streamed: Result<(), RemoteError> = (|| {
             // One streamed GET: measured against moto_server, ranged requests in parallel took
@@ -588,26 +572,27 @@ impl RemoteStore {
                         if n == 0 {
                             break;
                         }
-                        take(&chunk[..n], &mut block, false)?;
+                        take(&chunk[..n], &mut file)?;
                     }
                 }
                 GetResultPayload::Stream(mut chunks) => self.runtime.block_on(async {
                     while let Some(chunk) = chunks.next().await {
                         let chunk = chunk.map_err(|e| self.unavailable_error("read", &path, e))?;
-                        take(&chunk, &mut block, false)?;
+                        take(&chunk, &mut file)?;
                     }
                     Ok::<(), RemoteError>(())
                 })?,
             }
-            take(&[], &mut block, true)
+            Ok(())
         })();
+        let received = file.written();
         bump(&self.counters.bytes_downloaded, received);
         streamed?;
-        file.finish().map_err(|e| EngineError::io("write", &temp, e))?;
+        let hash = file.finish().map_err(|e| EngineError::io("write", &temp, e))?;
         if received != artifact.size {
             return Err(damaged(format!("{received} bytes, its record says {}", artifact.size)));
         }
-        if Hash::from(hasher.finalize()) != artifact.blob {
+        if hash != artifact.blob {
             return Err(damaged("its bytes do not hash to its name".into()));
         }
         local.commit_blob(&temp, Some((artifact.blob, artifact.size)))?;

@@ -972,9 +972,13 @@ impl Write for EarlyWriteback {
 /// page cache depending on memory pressure). The blob is complete on disk when
 /// [`DirectWriter::finish`] returns, so [`Store::commit_blob`]'s fsync has only metadata
 /// left. Where the filesystem refuses `O_DIRECT` (tmpfs, some network filesystems) it writes
-/// through the page cache with [`EarlyWriteback`].
+/// through the page cache with [`EarlyWriteback`]. It hashes what it writes, a block at a
+/// time (in parallel, see [`super::hash::update`]), so the bytes are copied once.
 pub(crate) struct DirectWriter {
     sink: DirectSink,
+    hasher: blake3::Hasher,
+    /// Bytes taken so far.
+    written: u64,
     /// [`DIRECT_BLOCK`] bytes, page-aligned (`O_DIRECT` wants aligned memory and lengths).
     block: Vec<Page>,
     /// How many bytes of `block` hold data.
@@ -1007,17 +1011,27 @@ impl DirectWriter {
         {
             use std::os::unix::fs::OpenOptionsExt;
             if let Ok(file) = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
-                return Ok(DirectWriter { sink: DirectSink::Direct(file), block, filled: 0 });
+                return Ok(DirectWriter::new(DirectSink::Direct(file), block));
             }
         }
         let file = OpenOptions::new().write(true).create_new(true).open(path)?;
-        Ok(DirectWriter { sink: DirectSink::Buffered(EarlyWriteback::new(file)), block, filled: 0 })
+        Ok(DirectWriter::new(DirectSink::Buffered(EarlyWriteback::new(file)), block))
+    }
+
+    fn new(sink: DirectSink, block: Vec<Page>) -> Self {
+        DirectWriter { sink, hasher: blake3::Hasher::new(), written: 0, block, filled: 0 }
+    }
+
+    /// How many bytes have been written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// Writes the first `len` bytes of the block: directly when it is a whole block and
     /// the file is open for that, else (the tail, a filesystem without `O_DIRECT`, or after
     /// a short or refused direct write) through the page cache.
     fn write_block(&mut self, len: usize) -> std::io::Result<()> {
+        super::hash::update(&mut self.hasher, &bytemuck::cast_slice::<Page, u8>(&self.block)[..len]);
         let mut done = 0;
         if let (DirectSink::Direct(file), true) = (&mut self.sink, len == DIRECT_BLOCK) {
             match file.write(&bytemuck::cast_slice::<Page, u8>(&self.block)[..len]) {
@@ -1038,15 +1052,16 @@ impl DirectWriter {
         Ok(())
     }
 
-    /// Writes what is left; the file then holds every byte written.
-    pub(crate) fn finish(mut self) -> std::io::Result<()> {
+    /// Writes what is left: the file then holds every byte written, and their blake3 hash
+    /// is returned.
+    pub(crate) fn finish(mut self) -> std::io::Result<Hash> {
         if self.filled > 0 {
             self.write_block(self.filled)?;
         }
         if let DirectSink::Buffered(w) = &mut self.sink {
             w.flush()?;
         }
-        Ok(())
+        Ok(Hash::from(self.hasher.finalize()))
     }
 }
 
@@ -1071,6 +1086,7 @@ impl Write for DirectWriter {
         let n = buf.len().min(DIRECT_BLOCK - self.filled);
         bytemuck::cast_slice_mut::<Page, u8>(&mut self.block)[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
         self.filled += n;
+        self.written += n as u64;
         if self.filled == DIRECT_BLOCK {
             self.write_block(DIRECT_BLOCK)?;
         }
@@ -1166,7 +1182,8 @@ mod tests {
                 for chunk in data.chunks(piece) {
                     w.write_all(chunk).unwrap();
                 }
-                w.finish().unwrap();
+                assert_eq!(w.written(), len as u64);
+                assert_eq!(w.finish().unwrap(), Hash::from(blake3::hash(&data)));
                 assert_eq!(fs::read(&path).unwrap(), data, "length {len}, writes of {piece}");
             }
         }
