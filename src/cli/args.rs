@@ -218,9 +218,9 @@ pub struct BuildArgs {
     /// give them all the same `--threads`.
     #[arg(long, value_name = "N", env = "MKONNX_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
-    /// Write outputs (onnx_model/, eval_*/) as independent, writable copies. By default
-    /// they are hard links to the store's read-only copies when both are on one filesystem
-    /// (no second copy of each model on disk); edit a copy, not the output, or use this.
+    /// Write every output as an independent, writable copy. By default outputs of 1 MiB and
+    /// more (the models) are hard links to the store's read-only copies when both are on one
+    /// filesystem (no second copy of each model on disk); smaller ones are copies.
     #[arg(long, env = "MKONNX_COPY_OUTPUTS", value_parser = clap::builder::FalseyValueParser::new())]
     pub copy_outputs: bool,
     /// Rebuild every stage even when it is fresh.

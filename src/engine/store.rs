@@ -746,20 +746,24 @@ impl Store {
         };
         if linked {
             self.verify_blob(hash)?;
+            // The output's mtime is the time it appeared, as with a copy, so that a Makefile
+            // rule sees it newer than the run's files. Only the shared inode's times change,
+            // not its bytes: the blob stays verified.
+            let touch = |path: &Path| File::open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
             if fs::hard_link(&blob, &tmp).is_ok() {
-                // The output's mtime is the time it appeared, as with a copy, so that a
-                // Makefile rule sees it newer than the run's files. Only the shared inode's
-                // times change, not its bytes: the blob stays verified.
-                let touched = File::open(&tmp).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                let touched = touch(&tmp);
                 self.mark_verified(hash, &blob);
-                touched.map_err(|e| EngineError::io("set the modification time of", &tmp, e))?;
-                fs::rename(&tmp, dest).map_err(|e| EngineError::io("write", dest, e))?;
-                // (A rename between two links of one inode does nothing: the guard then
-                // removes the temporary name.)
-                drop(guard);
-                return Ok(());
+                if touched.is_ok() {
+                    fs::rename(&tmp, dest).map_err(|e| EngineError::io("write", dest, e))?;
+                    // (A rename between two links of one inode does nothing: the guard then
+                    // removes the temporary name.)
+                    drop(guard);
+                    return Ok(());
+                }
+                // A blob this user may link but not touch (another owner's store): a copy.
+                fs::remove_file(&tmp).map_err(|e| EngineError::io("remove", &tmp, e))?;
             }
-            // Another filesystem, too many links, or links refused: a copy.
+            // Another filesystem, too many links, links refused or an untouchable blob: a copy.
         }
         let mut src = File::open(&blob).map_err(|_| corrupt())?;
         let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| EngineError::io("create", &tmp, e))?;

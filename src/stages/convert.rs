@@ -129,57 +129,30 @@ impl Produces for ExportOnnx {
     type Product = OnnxModel;
 }
 
-/// Stage `publish_model`: puts the exported model where deployments pick it up
-/// (`onnx_model/model.onnx`) only when its parity check passed (or no check was asked for,
-/// or `--keep-failed-parity`). Being a node of the graph, a failed check keeps the model out
-/// of the run directory the same way every other failure keeps its outputs out, and the
-/// verdict is cached with everything else. It reuses the export's blob: no copy.
-pub struct PublishModel {
+/// Stages `publish_model` and `publish_int8`: put a model where deployments pick it up
+/// (`onnx_model/model.onnx`, `onnx_model/model.int8.onnx`) only when the float model's parity
+/// check passed (or no check was asked for, or `--keep-failed-parity`); the INT8 model is
+/// made from the float graph, so a float graph that disagrees with PyTorch publishes
+/// neither. Being a node of the graph, a failed check keeps the model out of the run
+/// directory the same way every other failure keeps its outputs out, and the verdict is
+/// cached with everything else. It reuses the producer's blob: no copy.
+pub struct Publish<P: PublishableModel> {
     /// Publish even when the parity check failed (`--keep-failed-parity`, for debugging).
     pub keep_failed_parity: bool,
-    /// The exported model.
-    pub onnx: Upstream<OnnxModel>,
-    /// Its parity check, when one was asked for.
-    pub parity: Option<Upstream<Parity>>,
-}
-
-impl Stage for PublishModel {
-    fn name(&self) -> &'static str {
-        "publish_model"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
-    }
-    fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
-        [Some(self.onnx.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
-    }
-    fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        publish_if_parity_passed(ctx, self.keep_failed_parity, &self.onnx, self.parity.as_ref())
-    }
-}
-
-impl Produces for PublishModel {
-    type Product = Published;
-}
-
-/// Stage `publish_int8`: `onnx_model/model.int8.onnx`, under the rule of [`PublishModel`]:
-/// the INT8 model is made from the float graph, so a float graph that disagrees with PyTorch
-/// publishes neither.
-pub struct PublishInt8 {
-    /// Publish even when the parity check failed (`--keep-failed-parity`).
-    pub keep_failed_parity: bool,
-    /// The INT8 model.
-    pub int8: Upstream<Int8Model>,
+    /// The model.
+    pub model: Upstream<P>,
     /// The float model's parity check, when one was asked for.
     pub parity: Option<Upstream<Parity>>,
 }
 
-impl Stage for PublishInt8 {
+/// `publish_model`: the exported model.
+pub type PublishModel = Publish<OnnxModel>;
+/// `publish_int8`: the INT8 model.
+pub type PublishInt8 = Publish<Int8Model>;
+
+impl<P: PublishableModel> Stage for Publish<P> {
     fn name(&self) -> &'static str {
-        "publish_int8"
+        P::PUBLISH_STAGE
     }
     fn version(&self) -> u32 {
         1
@@ -188,30 +161,21 @@ impl Stage for PublishInt8 {
         serde_json::json!({ "keep_failed_parity": self.keep_failed_parity })
     }
     fn inputs(&self) -> Vec<(&'static str, crate::engine::NodeHandle)> {
-        [Some(self.int8.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
+        [Some(self.model.wire()), self.parity.map(|p| p.wire())].into_iter().flatten().collect()
     }
+    /// Declares the model as this stage's output (no copy), unless its parity check failed
+    /// and `keep_failed_parity` is off.
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
-        publish_if_parity_passed(ctx, self.keep_failed_parity, &self.int8, self.parity.as_ref())
-    }
-}
-
-impl Produces for PublishInt8 {
-    type Product = Published;
-}
-
-/// Declares `model` as this stage's output (no copy), unless its parity check failed and
-/// `keep_failed_parity` is off.
-fn publish_if_parity_passed<P: PublishableModel>(
-    ctx: &mut StageContext<'_>,
-    keep_failed_parity: bool,
-    model: &Upstream<P>,
-    parity: Option<&Upstream<Parity>>,
-) -> anyhow::Result<()> {
-    if let Some(parity) = parity {
-        let parity = parity.report(ctx)?;
-        if !parity.passed && !keep_failed_parity {
-            anyhow::bail!("{}; {} is not published (--keep-failed-parity keeps it)", parity.failure(), P::MODEL_FILE);
+        if let Some(parity) = &self.parity {
+            let parity = parity.report(ctx)?;
+            if !parity.passed && !self.keep_failed_parity {
+                anyhow::bail!("{}; {} is not published (--keep-failed-parity keeps it)", parity.failure(), P::MODEL_FILE);
+            }
         }
+        self.model.reuse_model(ctx)
     }
-    model.reuse_model(ctx)
+}
+
+impl<P: PublishableModel> Produces for Publish<P> {
+    type Product = Published;
 }

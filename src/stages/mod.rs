@@ -145,7 +145,7 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
     };
     p.parity = parity.map(Planned::handle);
     let parity_input = parity.map(|n| n.as_input("parity"));
-    let publish = convert::PublishModel { keep_failed_parity: req.keep_failed_parity, onnx: onnx.as_input("onnx"), parity: parity_input };
+    let publish = convert::PublishModel { keep_failed_parity: req.keep_failed_parity, model: onnx.as_input("onnx"), parity: parity_input };
     p.publish = Some(add(g, publish, |s| s.label(&label).materialize(OnnxModel::FILE, onnx_dir.join(OnnxModel::FILE)))?.handle());
     let summary = summary::ConversionSummary {
         checkpoint_name: file_tag_name(run),
@@ -174,8 +174,11 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
             })?;
             let quantize = quantize::Quantize { onnx: onnx.as_input("onnx"), calibration: calibration.as_input("calibration") };
             let quantized = add(g, quantize, |s| s.label(&label))?;
-            let publish_int8 =
-                convert::PublishInt8 { keep_failed_parity: req.keep_failed_parity, int8: quantized.as_input("int8"), parity: parity_input };
+            let publish_int8 = convert::PublishInt8 {
+                keep_failed_parity: req.keep_failed_parity,
+                model: quantized.as_input("int8"),
+                parity: parity_input,
+            };
             add(g, publish_int8, |s| s.label(&label).materialize(Int8Model::FILE, onnx_dir.join(Int8Model::FILE)))?;
             Some(quantized)
         }

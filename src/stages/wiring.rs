@@ -349,17 +349,21 @@ impl Upstream<Int8Model> {
 }
 
 /// A model a publish stage can put in the run directory: its file name.
-pub trait PublishableModel: Product {
+pub trait PublishableModel: Product + 'static {
     /// The file, in the producer's result and in `onnx_model/`.
     const MODEL_FILE: &'static str;
+    /// The name of the stage that publishes it.
+    const PUBLISH_STAGE: &'static str;
 }
 
 impl PublishableModel for OnnxModel {
     const MODEL_FILE: &'static str = OnnxModel::FILE;
+    const PUBLISH_STAGE: &'static str = "publish_model";
 }
 
 impl PublishableModel for Int8Model {
     const MODEL_FILE: &'static str = Int8Model::FILE;
+    const PUBLISH_STAGE: &'static str = "publish_int8";
 }
 
 impl<P: PublishableModel> Upstream<P> {
