@@ -162,6 +162,13 @@ pub const LEVEL_MAPPER_EPS: f32 = 1e-6;
 pub const BATCHED_NMS_TRICK_MAX_NUMEL_CPU: usize = 4000;
 /// The same switch on CUDA.
 pub const BATCHED_NMS_TRICK_MAX_NUMEL_CUDA: usize = 100_000;
+
+/// The most candidates `batched_nms` suppresses with the coordinate trick: `boxes.numel() <=`
+/// [`BATCHED_NMS_TRICK_MAX_NUMEL_CPU`] (or `_CUDA`), four numbers a box. The one place the
+/// switch is decided, for the runner's NMS and the ONNX graph's.
+pub const fn batched_nms_trick_max_candidates(on_cuda: bool) -> usize {
+    (if on_cuda { BATCHED_NMS_TRICK_MAX_NUMEL_CUDA } else { BATCHED_NMS_TRICK_MAX_NUMEL_CPU }) / 4
+}
 /// `RegionProposalNetwork.min_size`: proposals narrower than this are dropped.
 pub const RPN_MIN_BOX_SIZE: f32 = 1e-3;
 /// `RoIHeads.postprocess_detections`: detections narrower than this are dropped.

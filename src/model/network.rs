@@ -7,8 +7,8 @@
 //!
 //! What is here: the backbone bodies (ResNet-50, MobileNetV3-Large), the FPN, the RPN head, the
 //! box head and the box predictor. The detection logic around them (transform, anchors,
-//! proposal filtering, RoI pooling, post-processing) is data-dependent control flow, which
-//! each backend expresses in its own terms.
+//! proposal filtering, RoI pooling, post-processing) is in [`super::detection`], written once
+//! the same way.
 
 use super::arch::Architecture;
 use super::weights::WeightError;

@@ -3,19 +3,21 @@
 //! Interface (docs/DESIGN.md section 2): `input` float32 [B, 3, H, W] in 0..1; outputs `location`
 //! [B, N, 4] (x1, y1, x2, y2 divided by W and H), `score` [B, N], `category` int64 [B, N].
 //! B, H, W and N are dynamic. All images of a batch share H and W, so they share one resize;
-//! per-image ragged results (proposals, detections) are carried as padded [B, K] tensors with a
-//! validity mask, and rows past an image's own detection count come out as zeros.
+//! rows past an image's own detection count come out as zeros.
 //!
-//! Each step mirrors torchvision's code, including its float32/float64 arithmetic where it
-//! decides discrete outcomes (the resize size, RoI levels), so sizes and levels are exact.
+//! The layers, formulas and pipeline are the shared descriptions of [`crate::model`]; this
+//! module is [`OnnxBackend`], which emits them as nodes (per-image sets as padded [B, K, ...]
+//! tensors, see [`PipelineOps`] there), plus what only the graph has: the transform's resize
+//! in exact integer arithmetic ([`eager_resize_hw`]), the batched NMS graph, and the output
+//! layout.
 
 use super::builder::{Dim, GraphBuilder, Value};
 use super::ops::ConvParams;
 use super::proto::{DataType, ModelProto};
-use crate::model::anchors::cell_anchors;
 use crate::model::arch::*;
-use crate::model::detection::{box_coder, boxes, level_mapper, DetectionOps, ImageSize};
-use crate::model::network::{self, Backend};
+use crate::model::detection::pipeline::{self, Candidates, Frame, PipelineOps};
+use crate::model::detection::{DetectionOps, ImageSize};
+use crate::model::network::Backend;
 use crate::model::weights::{WeightError, Weights};
 use crate::model::Detector;
 use std::collections::HashSet;
@@ -172,7 +174,9 @@ pub fn export(detector: &Detector) -> Result<ModelProto, WeightError> {
     let input = g.input("input", DataType::Float, &[Dim::Named("batch_size"), Dim::Fixed(3), Dim::Named("height"), Dim::Named("width")]);
     let (location, score, category) = {
         let mut b = OnnxBackend::new(&mut g, &detector.weights);
-        detector_graph(&mut b, detector, &input)?
+        let (images, frames) = transform(&mut b, &detector.params, &input);
+        let (_, detections) = pipeline::detect(&mut b, detector.arch, &detector.params, &images, &frames)?;
+        output_layout(b.g, &detections, &frames)
     };
     let n = [Dim::Named("batch_size"), Dim::Named("num_detections")];
     g.output(&location, "location", DataType::Float, &[n[0].clone(), n[1].clone(), Dim::Fixed(4)]);
@@ -187,35 +191,43 @@ pub fn export(detector: &Detector) -> Result<ModelProto, WeightError> {
     Ok(g.finish("fasterrcnn", &doc, metadata))
 }
 
-/// Shape bookkeeping shared by the steps: the batch size and image sizes as graph values.
-struct Sizes {
-    /// [1] int64: batch size.
-    batch: Value,
-    /// The resized (unpadded) image: float32 scalars.
-    resized: ImageSize<Value>,
-    /// The input image: float32 scalars.
-    input: ImageSize<Value>,
+/// The batch's sizes as graph values. All images of a batch share one input size, so they
+/// share one frame.
+pub struct Frames {
+    /// The resized and the input image sizes, float32 scalars.
+    frame: Frame<Value>,
     /// [1] int64 padded height and width.
-    padded_h: Value,
-    padded_w: Value,
+    padded: [Value; 2],
 }
 
-fn detector_graph(b: &mut OnnxBackend, det: &Detector, input: &Value) -> Result<(Value, Value, Value), WeightError> {
-    let (images, sizes) = transform(b.g, &det.params, input);
-    let features = network::backbone(b, det.arch, &images)?;
-    let (proposals, proposal_valid) = rpn(b, det, &features.maps, &sizes)?;
-    let pooled = multi_scale_roi_align(b, &features.names, &features.maps, &proposals, &sizes);
-    let x = network::box_head(b, det.arch, &pooled)?;
-    let (logits, deltas) = network::box_predictor(b, &x)?;
-    Ok(postprocess(b, &det.params, &logits, &deltas, &proposals, &proposal_valid, &sizes))
+/// The detections as the model's outputs: `location` [B, N, 4] (boxes divided by the input's
+/// width and height), `score` [B, N], `category` int64 [B, N], where N is the largest
+/// detection count of the batch and rows past an image's own count are zeros.
+fn output_layout(g: &mut GraphBuilder, d: &Candidates<Value>, frames: &Frames) -> (Value, Value, Value) {
+    let threshold = g.scalar_f32(INVALID_THRESHOLD);
+    let valid = g.greater(&d.scores, &threshold);
+    // Kept detections come first in each row (by decreasing score).
+    let count = g.cast(&valid, DataType::Int64);
+    let count = g.reduce_sum(&count, &[1], false);
+    let n = g.reduce_max(&count, &[0], true);
+    let zero_i = g.ints(&[0]);
+    let [valid, scores, classes, boxes] = [&valid, &d.scores, &d.classes, &d.boxes].map(|v| g.slice(v, &zero_i, &n, &[1]));
+    let zero = g.scalar_f32(0.0);
+    let score = g.where_(&valid, &scores, &zero);
+    let label = g.where_(&valid, &classes, &zero);
+    let category = g.cast(&label, DataType::Int64);
+    let [x1, y1, x2, y2] = unbind_boxes(g, &boxes);
+    let input = &frames.frame.original;
+    let normalized = [g.div(&x1, &input.width), g.div(&y1, &input.height), g.div(&x2, &input.width), g.div(&y2, &input.height)];
+    let location = stack_boxes(g, &normalized);
+    let valid4 = g.unsqueeze(&valid, &[2]);
+    let location = g.where_(&valid4, &location, &zero);
+    (location, score, category)
 }
 
-/// `GeneralizedRCNNTransform`: normalize, resize as eager PyTorch computes the size, pad to 32.
-fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value, Sizes) {
-    let mean = g.const_f32(&[1, 3, 1, 1], &p.image_mean);
-    let std = g.const_f32(&[1, 3, 1, 1], &p.image_std);
-    let centred = g.sub(input, &mean);
-    let normalized = g.div(&centred, &std);
+fn transform(b: &mut OnnxBackend, p: &DetectorParams, input: &Value) -> (Value, Frames) {
+    let normalized = pipeline::normalize(b, p, input);
+    let g = &mut *b.g;
 
     // Eager: scale = min(min_size / min(h, w), max_size / max(h, w)) in Python doubles, and
     // the output size int(size * scale); reproduced exactly in integers (see eager_resize_hw
@@ -229,11 +241,8 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
     let resized = g.resize_bilinear(&normalized, &out_size);
 
     // batch_images: zero padding up to a multiple of SIZE_DIVISIBLE, after normalization.
-    let below = g.ints(&[SIZE_DIVISIBLE - 1]);
-    let divisor = g.ints(&[SIZE_DIVISIBLE]);
-    let up = g.add(&resized_hw, &below);
-    let blocks = g.div(&up, &divisor);
-    let padded_hw = g.mul(&blocks, &divisor);
+    let padded_hw = pipeline::padded_side(b, &resized_hw);
+    let g = &mut *b.g;
     let extra = g.sub(&padded_hw, &resized_hw);
     let zeros = g.ints(&[0, 0, 0, 0, 0, 0]);
     let pads = g.concat(&[&zeros, &extra], 0);
@@ -241,14 +250,14 @@ fn transform(g: &mut GraphBuilder, p: &DetectorParams, input: &Value) -> (Value,
 
     let resized_f = g.cast(&resized_hw, DataType::Float);
     let input_f = g.cast(&hw, DataType::Float);
-    let sizes = Sizes {
-        batch,
-        resized: ImageSize { height: scalar_at(g, &resized_f, 0), width: scalar_at(g, &resized_f, 1) },
-        input: ImageSize { height: scalar_at(g, &input_f, 0), width: scalar_at(g, &input_f, 1) },
-        padded_h: g.element(&padded_hw, 0),
-        padded_w: g.element(&padded_hw, 1),
+    let frames = Frames {
+        frame: Frame {
+            resized: ImageSize { height: scalar_at(g, &resized_f, 0), width: scalar_at(g, &resized_f, 1) },
+            original: ImageSize { height: scalar_at(g, &input_f, 0), width: scalar_at(g, &input_f, 1) },
+        },
+        padded: [g.element(&padded_hw, 0), g.element(&padded_hw, 1)],
     };
-    (images, sizes)
+    (images, frames)
 }
 
 /// The size eager torchvision resizes an image to: for int64 `hw` [.., 2] (height, width),
@@ -460,7 +469,7 @@ fn batched_nms(g: &mut GraphBuilder, boxes: &Value, scores: &Value, classes: &Va
     // per-class loop.
     let count = g.cast(&eligible, DataType::Int64);
     let count = g.reduce_sum(&count, &[1], true);
-    let limit = g.const_i64(&[], &[(BATCHED_NMS_TRICK_MAX_NUMEL_CPU / 4) as i64]);
+    let limit = g.const_i64(&[], &[batched_nms_trick_max_candidates(false) as i64]);
     let many = g.greater(&count, &limit);
     let few = g.not(&many);
     let by_class = g.and(&many, &kept_vanilla);
@@ -489,19 +498,16 @@ fn kept_mask(g: &mut GraphBuilder, scores: &Value, selected: &Value) -> Value {
     g.greater(&kept, &half)
 }
 
-/// The kept candidates by descending score, at most `k_max` per image: returns
-/// (scores [B, K], indices [B, K], valid [B, K]).
-fn top_kept(g: &mut GraphBuilder, scores: &Value, kept: &Value, k_max: usize) -> (Value, Value, Value) {
+/// The kept candidates by descending score, at most `k_max` per image: (scores [B, K],
+/// indices [B, K]); rows past an image's count have the score [`INVALID`].
+fn top_kept(g: &mut GraphBuilder, scores: &Value, kept: &Value, k_max: usize) -> (Value, Value) {
     let invalid = g.scalar_f32(INVALID);
     let masked = g.where_(kept, scores, &invalid);
     let n = g.shape(scores);
     let n = g.element(&n, 1);
     let cap = g.ints(&[k_max as i64]);
     let k = g.min(&n, &cap);
-    let (top, idx) = g.top_k(&masked, &k, 1);
-    let threshold = g.scalar_f32(INVALID_THRESHOLD);
-    let valid = g.greater(&top, &threshold);
-    (top, idx, valid)
+    g.top_k(&masked, &k, 1)
 }
 
 /// Score given to candidates that must not be selected; real scores (probabilities) are >= 0.
@@ -525,276 +531,248 @@ fn gather_rows(g: &mut GraphBuilder, x: &Value, indices: &Value, width: Option<i
     }
 }
 
-/// The RPN: head, anchors, decoding, per-level top-k, clipping, small/low-score removal,
-/// per-level NMS and the post-NMS top-n. Returns proposals [B, K, 4] (sorted by objectness)
-/// and their validity [B, K].
-fn rpn(b: &mut OnnxBackend, det: &Detector, maps: &[Value], sizes: &Sizes) -> Result<(Value, Value), WeightError> {
-    let arch = det.arch;
-    let p = &det.params;
-    let anchor_sizes = arch.anchor_sizes();
-    let ratios = arch.aspect_ratios();
-    let mut objectness = Vec::new();
-    let mut deltas = Vec::new();
-    let mut anchors = Vec::new();
-    for (level, feature) in maps.iter().enumerate() {
-        let (logits, bbox) = network::rpn_head(b, arch, feature)?;
-        let g = &mut *b.g;
-        let cells = cell_anchors(&anchor_sizes[level], &ratios[level]);
-        let a = cells.len() as i64;
-        // permute_and_flatten: [B, A, h, w] → [B, h·w·A].
-        let t = g.transpose(&logits, &[0, 2, 3, 1]);
-        objectness.push(g.reshape_const(&t, &[0, -1]));
-        // [B, 4A, h, w] → [B, A, 4, h·w] → [B, h·w, A, 4] → [B, h·w·A, 4].
-        let t = g.reshape_const(&bbox, &[0, a, 4, -1]);
-        let t = g.transpose(&t, &[0, 3, 1, 2]);
-        deltas.push(g.reshape_const(&t, &[0, -1, 4]));
-        anchors.push(grid_anchors(g, feature, &cells, sizes));
-    }
-    let anchors_all = b.g.concat(&anchors.iter().collect::<Vec<_>>(), 0);
-    let deltas_all = b.g.concat(&deltas.iter().collect::<Vec<_>>(), 1);
-    let proposals = box_coder::decode(b, &deltas_all, &anchors_all, [1.0; 4]);
-    let g = &mut *b.g;
-
-    // Per-level top-k of the objectness logits (torchvision: _get_top_n_idx).
-    let mut top_idx = Vec::new();
-    let mut top_logits = Vec::new();
-    let mut top_levels = Vec::new();
-    let mut offset = g.ints(&[0]);
-    for (level, obj) in objectness.iter().enumerate() {
-        let n = g.shape(obj);
-        let n = g.element(&n, 1);
-        let cap = g.ints(&[p.rpn_pre_nms_top_n_test as i64]);
-        let k = g.min(&n, &cap);
-        let (values, idx) = g.top_k(obj, &k, 1);
-        top_logits.push(values);
-        top_idx.push(g.add(&idx, &offset));
-        offset = g.add(&offset, &n);
-        let lvl = g.const_f32(&[1], &[level as f32]);
-        top_levels.push(g.expand(&lvl, &k));
-    }
-    let logits = g.concat(&top_logits.iter().collect::<Vec<_>>(), 1);
-    let idx = g.concat(&top_idx.iter().collect::<Vec<_>>(), 1);
-    let levels = g.concat(&top_levels.iter().collect::<Vec<_>>(), 0);
-    let boxes = gather_rows(g, &proposals, &idx, Some(4));
-    let probs = g.sigmoid(&logits);
-
-    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized);
-    let keep = boxes::big_enough(b, &clipped, f64::from(RPN_MIN_BOX_SIZE));
-    let g = &mut *b.g;
-    let boxes = stack_boxes(g, &clipped);
-    let thresh = g.scalar_f32(p.rpn_score_thresh);
-    let confident = g.greater_or_equal(&probs, &thresh);
-    let keep = g.and(&keep, &confident);
-
-    // NMS independently per level (batched_nms with the level as class).
-    let invalid = g.scalar_f32(INVALID);
-    let masked = g.where_(&keep, &probs, &invalid);
-    let level_ids: Vec<f32> = (0..maps.len()).map(|l| l as f32).collect();
-    let kept = batched_nms(g, &boxes, &masked, &levels, &level_ids, p.rpn_nms_thresh);
-    let (_, order, valid) = top_kept(g, &masked, &kept, p.rpn_post_nms_top_n_test);
-    let proposals = gather_rows(g, &boxes, &order, Some(4));
-    Ok((proposals, valid))
+/// The size of `x` along `axis` (negative: from the end), int64 [1].
+fn dim_of(g: &mut GraphBuilder, x: &Value, axis: i64) -> Value {
+    let shape = g.shape(x);
+    let end = if axis == -1 { i64::MAX } else { axis + 1 };
+    g.slice_const(&shape, &[axis], &[end], &[0])
 }
 
-/// `AnchorGenerator.grid_anchors` for one level: the cell anchors shifted over the feature
-/// map with stride = padded image size // feature size. [h·w·A, 4].
-fn grid_anchors(g: &mut GraphBuilder, feature: &Value, cells: &[[f32; 4]], sizes: &Sizes) -> Value {
-    let shape = g.shape(feature);
-    let fh = g.element(&shape, 2);
-    let fw = g.element(&shape, 3);
-    let stride_h = g.div(&sizes.padded_h, &fh);
-    let stride_w = g.div(&sizes.padded_w, &fw);
-    let zero = g.scalar_i64(0);
-    let one = g.scalar_i64(1);
-    let fh_s = g.squeeze(&fh, &[0]);
-    let fw_s = g.squeeze(&fw, &[0]);
-    let ys = g.range(&zero, &fh_s, &one);
-    let ys = g.mul(&ys, &stride_h);
-    let xs = g.range(&zero, &fw_s, &one);
-    let xs = g.mul(&xs, &stride_w);
-    let grid = g.concat(&[&fh, &fw], 0);
-    let ys = g.unsqueeze(&ys, &[1]);
-    let ys = g.expand(&ys, &grid);
-    let xs = g.unsqueeze(&xs, &[0]);
-    let xs = g.expand(&xs, &grid);
-    let ys = g.reshape_const(&ys, &[-1]);
-    let xs = g.reshape_const(&xs, &[-1]);
-    let shifts = stack_boxes(g, &[xs.clone(), ys.clone(), xs, ys]);
-    let shifts = g.cast(&shifts, DataType::Float);
-    let shifts = g.unsqueeze(&shifts, &[1]);
-    let flat: Vec<f32> = cells.iter().flatten().copied().collect();
-    let base = g.const_f32(&[1, cells.len(), 4], &flat);
-    let anchors = g.add(&shifts, &base);
-    g.reshape_const(&anchors, &[-1, 4])
+/// `x` with axes `axis` and `axis + 1` merged (either sign), through its runtime shape.
+fn merge_two_axes(g: &mut GraphBuilder, x: &Value, axis: i64) -> Value {
+    let shape = g.shape(x);
+    let mut parts = Vec::new();
+    if axis != 0 {
+        parts.push(g.slice_const(&shape, &[0], &[axis], &[0]));
+    }
+    parts.push(g.ints(&[-1]));
+    if axis + 2 != 0 {
+        parts.push(g.slice_const(&shape, &[axis + 2], &[i64::MAX], &[0]));
+    }
+    let target = g.concat(&parts.iter().collect::<Vec<_>>(), 0);
+    g.reshape(x, &target)
 }
 
-/// `MultiScaleRoIAlign` over the maps named `0`..`3`: each RoI pooled from the level
-/// torchvision's `LevelMapper` assigns it. proposals [B, K, 4] → [B·K, C, 7, 7].
-fn multi_scale_roi_align(b: &mut OnnxBackend, names: &[String], maps: &[Value], proposals: &Value, sizes: &Sizes) -> Value {
-    let g = &mut *b.g;
-    let levels: Vec<&Value> = names.iter().zip(maps).filter(|(n, _)| ROI_FEATURE_NAMES.contains(&n.as_str())).map(|(_, m)| m).collect();
-    let rois = g.reshape_const(proposals, &[-1, 4]);
-    let k = g.shape(proposals);
-    let k = g.element(&k, 1);
-    let batch_indices = {
+/// The pipeline ([`pipeline`]) as ONNX nodes on padded batches: per-image sets are
+/// [B, K, ...] tensors, and a dropped candidate (or a row past an image's count after NMS)
+/// keeps its row with the score [`INVALID`].
+impl PipelineOps for OnnxBackend<'_> {
+    type Int = Value;
+    type Sets = Value;
+    type Frames = Frames;
+
+    fn dim(&mut self, x: &Value, axis: i64) -> Value {
+        dim_of(self.g, x, axis)
+    }
+    fn int_add(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.add(a, b)
+    }
+    fn int_div(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.div(a, b)
+    }
+    fn int_mul(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.mul(a, b)
+    }
+    fn int_const(&mut self, v: i64) -> Value {
+        self.g.ints(&[v])
+    }
+    fn int_scalar(&mut self, i: &Value) -> Value {
+        let f = self.g.cast(i, DataType::Float);
+        self.g.squeeze(&f, &[0])
+    }
+    fn quotient(&mut self, a: &Value, b: &Value) -> Value {
+        // float32 division: the ratio of two small integers only feeds round(log2(.)).
+        self.g.div(a, b)
+    }
+    fn log2_round(&mut self, x: &Value) -> Value {
+        let l = self.log2(x);
+        self.g.round(&l)
+    }
+    fn pow2(&mut self, e: &Value) -> Value {
+        let two = self.g.scalar_f32(2.0);
+        self.g.pow(&two, e)
+    }
+    fn neg(&mut self, x: &Value) -> Value {
+        // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first
+        // input into the producer of the second and compute e - 0 (see eager_resize_hw).
+        self.g.neg(x)
+    }
+
+    fn padded_size(&mut self, frames: &Frames) -> [Value; 2] {
+        frames.padded.clone()
+    }
+    fn max_resized_height(&mut self, frames: &Frames) -> Value {
+        frames.frame.resized.height.clone()
+    }
+    fn level_exponents(&mut self, compute: impl FnOnce(&mut Self) -> Vec<Value>) -> Vec<Value> {
+        compute(self)
+    }
+
+    fn strided_range(&mut self, n: &Value, s: &Value) -> Value {
+        let g = &mut *self.g;
         let zero = g.scalar_i64(0);
         let one = g.scalar_i64(1);
-        let b = g.squeeze(&sizes.batch, &[0]);
-        let r = g.range(&zero, &b, &one);
+        let n = g.squeeze(n, &[0]);
+        let r = g.range(&zero, &n, &one);
+        let r = g.mul(&r, s);
+        g.cast(&r, DataType::Float)
+    }
+    fn mesh(&mut self, ys: &Value, xs: &Value) -> [Value; 2] {
+        let g = &mut *self.g;
+        let (h, w) = (g.shape(ys), g.shape(xs));
+        let grid = g.concat(&[&h, &w], 0);
+        let ys = g.unsqueeze(ys, &[1]);
+        let ys = g.expand(&ys, &grid);
+        let xs = g.unsqueeze(xs, &[0]);
+        let xs = g.expand(&xs, &grid);
+        [g.reshape_const(&ys, &[-1]), g.reshape_const(&xs, &[-1])]
+    }
+    fn const_tensor(&mut self, values: &[f32], shape: &[i64]) -> Value {
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        self.g.const_f32(&dims, values)
+    }
+    fn div(&mut self, a: &Value, b: &Value) -> Value {
+        self.g.div(a, b)
+    }
+    fn reshape(&mut self, x: &Value, shape: &[i64]) -> Value {
+        self.g.reshape_const(x, shape)
+    }
+    fn concat(&mut self, xs: &[Value], axis: i64) -> Value {
+        self.g.concat(&xs.iter().collect::<Vec<_>>(), axis)
+    }
+    fn permute_and_flatten(&mut self, x: &Value, c: i64) -> Value {
+        // [B, A·c, H, W] → [B, H, W, A·c] → [B, H·W·A, c]: the same order as torchvision's
+        // view(B, A, c, H, W).permute(0, 3, 4, 1, 2).
+        let t = self.g.transpose(x, &[0, 2, 3, 1]);
+        self.g.reshape_const(&t, &[0, -1, c])
+    }
+    fn top_k(&mut self, x: &Value, cap: usize) -> (Value, Value) {
+        let g = &mut *self.g;
+        let n = dim_of(g, x, -1);
+        let cap = g.ints(&[cap as i64]);
+        let k = g.min(&n, &cap);
+        g.top_k(x, &k, -1)
+    }
+    fn offset_indices(&mut self, indices: &Value, by: &Value) -> Value {
+        self.g.add(indices, by)
+    }
+    fn gather_boxes(&mut self, x: &Value, indices: &Value) -> Value {
+        gather_rows(self.g, x, indices, Some(4))
+    }
+    fn fill_like(&mut self, like: &Value, v: f64) -> Value {
+        let g = &mut *self.g;
+        let value = g.const_f32(&[1], &[v as f32]);
+        let shape = g.shape(like);
+        g.expand(&value, &shape)
+    }
+    fn sigmoid(&mut self, x: &Value) -> Value {
+        self.g.sigmoid(x)
+    }
+    fn softmax(&mut self, x: &Value) -> Value {
+        self.g.softmax(x, -1)
+    }
+    fn greater(&mut self, x: &Value, s: &Value) -> Value {
+        self.g.greater(x, s)
+    }
+    fn slice_from(&mut self, x: &Value, axis: i64, start: i64) -> Value {
+        self.g.slice_const(x, &[start], &[i64::MAX], &[axis])
+    }
+    fn merge_axes(&mut self, x: &Value, axis: i64) -> Value {
+        merge_two_axes(self.g, x, axis)
+    }
+    fn class_ids_like(&mut self, scores: &Value) -> Value {
+        let c = dim_of(self.g, scores, -1);
+        let one = self.g.ints(&[1]);
+        let ids = self.strided_range(&c, &one);
+        let shape = self.g.shape(scores);
+        self.g.expand(&ids, &shape)
+    }
+
+    fn per_image(&mut self, x: &Value) -> Value {
+        x.clone()
+    }
+    fn rows(&mut self, sets: &Value) -> Value {
+        merge_two_axes(self.g, sets, 0)
+    }
+    fn batch_index(&mut self, sets: &Value) -> Value {
+        let g = &mut *self.g;
+        let shape = g.shape(sets);
+        let batch_and_k = g.slice_const(&shape, &[0], &[2], &[0]);
+        let batch = g.element(&shape, 0);
+        let zero = g.scalar_i64(0);
+        let one = g.scalar_i64(1);
+        let batch = g.squeeze(&batch, &[0]);
+        let r = g.range(&zero, &batch, &one);
         let r = g.unsqueeze(&r, &[1]);
-        let shape = g.concat(&[&sizes.batch, &k], 0);
-        let r = g.expand(&r, &shape);
+        let r = g.expand(&r, &batch_and_k);
         g.reshape_const(&r, &[-1])
-    };
-
-    // Scale of each level: 2^round(log2(feature height / resized height)) in float32, as
-    // torchvision's _infer_scale does (from the first dimension).
-    let ln2 = g.scalar_f32(std::f32::consts::LN_2);
-    let mut exponents = Vec::new();
-    for m in &levels {
-        let shape = g.shape(m);
-        let fh = g.element(&shape, 2);
-        let fh = g.cast(&fh, DataType::Float);
-        let fh = g.squeeze(&fh, &[0]);
-        let ratio = g.div(&fh, &sizes.resized.height);
-        let l = g.log(&ratio);
-        let l = g.div(&l, &ln2);
-        exponents.push(g.round(&l));
     }
-    let scale_of = |g: &mut GraphBuilder, e: &Value| {
-        let two = g.scalar_f32(2.0);
-        g.node1("Pow", &[&two, e], &[])
-    };
-    if levels.len() == 1 {
-        let s = scale_of(g, &exponents[0]);
-        let scaled = g.mul(&rois, &s);
-        return g.roi_align(levels[0], &scaled, &batch_indices, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO);
+    fn split_rows(&mut self, rows: &Value, like: &Value) -> Value {
+        let g = &mut *self.g;
+        let like_shape = g.shape(like);
+        let batch_and_k = g.slice_const(&like_shape, &[0], &[2], &[0]);
+        let rows_shape = g.shape(rows);
+        let rest = g.slice_const(&rows_shape, &[1], &[i64::MAX], &[0]);
+        let target = g.concat(&[&batch_and_k, &rest], 0);
+        g.reshape(rows, &target)
+    }
+    fn map_images<F>(&mut self, frames: &Frames, inputs: &[&Value], mut f: F) -> Vec<Value>
+    where
+        F: FnMut(&mut Self, &[Value], &Frame<Value>) -> Vec<Value>,
+    {
+        let inputs: Vec<Value> = inputs.iter().map(|&v| v.clone()).collect();
+        f(self, &inputs, &frames.frame)
+    }
+    fn keep_where(&mut self, c: Candidates<Value>, keep: &Value) -> Candidates<Value> {
+        let invalid = self.g.scalar_f32(INVALID);
+        let scores = self.g.where_(keep, &c.scores, &invalid);
+        Candidates { scores, ..c }
+    }
+    fn batched_nms_top(&mut self, c: &Candidates<Value>, class_ids: std::ops::Range<usize>, iou: f32, k: usize) -> Candidates<Value> {
+        let g = &mut *self.g;
+        let ids: Vec<f32> = class_ids.map(|c| c as f32).collect();
+        let kept = batched_nms(g, &c.boxes, &c.scores, &c.classes, &ids, iou);
+        let (scores, order) = top_kept(g, &c.scores, &kept, k);
+        let boxes = gather_rows(g, &c.boxes, &order, Some(4));
+        let classes = gather_rows(g, &c.classes, &order, None);
+        Candidates { boxes, scores, classes }
     }
 
-    // Neg, not Sub(0, e): OpenVINO's CPU plugin can fuse a Sub whose constant is the first
-    // input into the producer of the second and compute e - 0 (see eager_resize_hw).
-    let k_min = g.neg(&exponents[0]);
-    let k_max = g.neg(&exponents[levels.len() - 1]);
-    let target = level_mapper::target_levels(b, &rois, &k_min, &k_max);
-    let g = &mut *b.g;
-
-    let pooled_shape = {
-        let r = g.shape(&rois);
-        let r = g.element(&r, 0);
-        let c = g.shape(levels[0]);
-        let c = g.element(&c, 1);
+    fn roi_align(&mut self, map: &Value, rois: &Value, batch_index: &Value, scale: &Value) -> Value {
+        // RoIAlign's spatial_scale is an attribute; the scale depends on the input's shape, so
+        // the RoIs are scaled instead (the kernel multiplies them by it first, the same product).
+        let scaled = self.g.mul(rois, scale);
+        self.g.roi_align(map, &scaled, batch_index, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO)
+    }
+    fn rows_at_level(&mut self, levels: &Value, level: usize) -> Value {
+        let g = &mut *self.g;
+        let level = g.scalar_f32(level as f32);
+        let here = g.equal(levels, &level);
+        let index = g.non_zero(&here);
+        g.transpose(&index, &[1, 0])
+    }
+    fn take_rows(&mut self, x: &Value, index: &Value) -> Value {
+        let flat = self.g.squeeze(index, &[1]);
+        self.g.gather(x, &flat, 0)
+    }
+    fn put_rows(&mut self, into: Value, index: &Value, rows: &Value) -> Value {
+        self.g.scatter_nd(&into, index, rows)
+    }
+    fn without_padding(&mut self, boxes: &Value, scores: &Value) -> Value {
+        let g = &mut *self.g;
+        let threshold = g.scalar_f32(INVALID_THRESHOLD);
+        let real = g.greater(scores, &threshold);
+        let real = g.unsqueeze(&real, &[-1]);
+        let zero = g.scalar_f32(0.0);
+        g.where_(&real, boxes, &zero)
+    }
+    fn zeros_pooled(&mut self, rois: &Value, map: &Value) -> Value {
+        let g = &mut *self.g;
+        let r = dim_of(g, rois, 0);
+        let c = dim_of(g, map, 1);
         let tail = g.ints(&[ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE]);
-        g.concat(&[&r, &c, &tail], 0)
-    };
-    let zero_f = g.const_f32(&[1], &[0.0]);
-    let mut result = g.expand(&zero_f, &pooled_shape);
-    for (i, m) in levels.iter().enumerate() {
-        let li = g.scalar_f32(i as f32);
-        let here = g.equal(&target, &li);
-        let idx = g.non_zero(&here);
-        let idx = g.transpose(&idx, &[1, 0]);
-        let flat = g.squeeze(&idx, &[1]);
-        let level_rois = g.gather(&rois, &flat, 0);
-        let s = scale_of(g, &exponents[i]);
-        let level_rois = g.mul(&level_rois, &s);
-        let level_batch = g.gather(&batch_indices, &flat, 0);
-        let pooled = g.roi_align(m, &level_rois, &level_batch, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO);
-        result = g.scatter_nd(&result, &idx, &pooled);
+        let shape = g.concat(&[&r, &c, &tail], 0);
+        let zero = g.const_f32(&[1], &[0.0]);
+        g.expand(&zero, &shape)
     }
-    result
-}
-
-/// `RoIHeads.postprocess_detections` + `GeneralizedRCNNTransform.postprocess`, then the
-/// normalized, zero-padded output layout.
-fn postprocess(
-    b: &mut OnnxBackend,
-    p: &DetectorParams,
-    logits: &Value,
-    deltas: &Value,
-    proposals: &Value,
-    proposal_valid: &Value,
-    sizes: &Sizes,
-) -> (Value, Value, Value) {
-    let num_classes = p.num_classes as i64;
-    let fg = num_classes - 1;
-    // Decode every class's box against its proposal: [B·K, C, 4].
-    let rois = b.g.reshape_const(proposals, &[-1, 1, 4]);
-    let d = b.g.reshape_const(deltas, &[0, num_classes, 4]);
-    let boxes = box_coder::decode(b, &d, &rois, ROI_BOX_CODER_WEIGHTS.map(f64::from));
-    let clipped = boxes::clip_to_image(b, &boxes, &sizes.resized);
-    let g = &mut *b.g;
-    let boxes = stack_boxes(g, &clipped);
-    let scores = g.softmax(logits, -1);
-
-    // Drop the background column, then lay candidates out per image: [B, K·(C-1)].
-    let boxes = g.slice_const(&boxes, &[1], &[num_classes], &[1]);
-    let scores = g.slice_const(&scores, &[1], &[num_classes], &[1]);
-    let tail = g.ints(&[-1, 4]);
-    let per_image_boxes = g.concat(&[&sizes.batch, &tail], 0);
-    let boxes = g.reshape(&boxes, &per_image_boxes);
-    let tail = g.ints(&[-1]);
-    let per_image = g.concat(&[&sizes.batch, &tail], 0);
-    let scores = g.reshape(&scores, &per_image);
-    let labels = {
-        let l: Vec<f32> = (1..num_classes).map(|c| c as f32).collect();
-        let l = g.const_f32(&[1, 1, fg as usize], &l);
-        let shape = {
-            let s = g.shape(proposal_valid);
-            let tail = g.ints(&[fg]);
-            g.concat(&[&s, &tail], 0)
-        };
-        let l = g.expand(&l, &shape);
-        g.reshape(&l, &per_image)
-    };
-    let roi_valid = {
-        let v = g.unsqueeze(proposal_valid, &[2]);
-        let shape = {
-            let s = g.shape(proposal_valid);
-            let tail = g.ints(&[fg]);
-            g.concat(&[&s, &tail], 0)
-        };
-        let v = g.expand(&v, &shape);
-        g.reshape(&v, &per_image)
-    };
-
-    let thresh = g.scalar_f32(p.box_score_thresh);
-    let confident = g.greater(&scores, &thresh);
-    let coords = unbind_boxes(g, &boxes);
-    let big = boxes::big_enough(b, &coords, f64::from(DETECTION_MIN_BOX_SIZE));
-    let g = &mut *b.g;
-    let keep = g.and(&roi_valid, &confident);
-    let keep = g.and(&keep, &big);
-
-    // batched_nms by label.
-    let invalid = g.scalar_f32(INVALID);
-    let masked = g.where_(&keep, &scores, &invalid);
-    let label_ids: Vec<f32> = (1..num_classes).map(|c| c as f32).collect();
-    let kept = batched_nms(g, &boxes, &masked, &labels, &label_ids, p.box_nms_thresh);
-    let (top, order, valid) = top_kept(g, &masked, &kept, p.box_detections_per_img);
-    let zero = g.scalar_f32(0.0);
-
-    // N = the largest detection count in the batch; rows past an image's count are zeros.
-    let count = g.cast(&valid, DataType::Int64);
-    let count = g.reduce_sum(&count, &[1], false);
-    let n = g.reduce_max(&count, &[0], true);
-    let zero_i = g.ints(&[0]);
-    let top = g.slice(&top, &zero_i, &n, &[1]);
-    let order = g.slice(&order, &zero_i, &n, &[1]);
-    let valid = g.slice(&valid, &zero_i, &n, &[1]);
-    let score = g.where_(&valid, &top, &zero);
-    let label = gather_rows(g, &labels, &order, None);
-    let label = g.where_(&valid, &label, &zero);
-    let category = g.cast(&label, DataType::Int64);
-    let det_boxes = gather_rows(g, &boxes, &order, Some(4));
-
-    // transform.postprocess (boxes back to the input image), then normalized.
-    let coords = unbind_boxes(g, &det_boxes);
-    let [x1, y1, x2, y2] = boxes::resize_to_original(b, &coords, &sizes.resized, &sizes.input);
-    let g = &mut *b.g;
-    let input = &sizes.input;
-    let norm = [g.div(&x1, &input.width), g.div(&y1, &input.height), g.div(&x2, &input.width), g.div(&y2, &input.height)];
-    let location = stack_boxes(g, &norm);
-    let valid4 = g.unsqueeze(&valid, &[2]);
-    let location = g.where_(&valid4, &location, &zero);
-    (location, score, category)
 }

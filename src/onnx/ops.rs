@@ -74,6 +74,8 @@ impl GraphBuilder {
         max => "Max",
         /// [Equal](https://onnx.ai/onnx/operators/onnx__Equal.html).
         equal => "Equal",
+        /// [Pow](https://onnx.ai/onnx/operators/onnx__Pow.html) `a ** b`.
+        pow => "Pow",
         /// [Greater](https://onnx.ai/onnx/operators/onnx__Greater.html).
         greater => "Greater",
         /// [GreaterOrEqual](https://onnx.ai/onnx/operators/onnx__GreaterOrEqual.html).

@@ -2,13 +2,15 @@
 //! make (`F.conv2d`, `torch.batch_norm`, `F.linear`, ...), on weights converted once.
 
 use super::{RuntimeError, TorchContext};
-use crate::ops::python_float;
-use mkonnx::model::arch::{Architecture, BATCH_NORM_EPS};
-use mkonnx::model::detection::DetectionOps;
+use crate::ops::{batched_nms, python_float, roi_align, RoiAlignParams};
+use mkonnx::model::arch::{Architecture, BATCH_NORM_EPS, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO};
+use mkonnx::model::detection::pipeline::{Candidates, Frame, PipelineOps};
+use mkonnx::model::detection::{DetectionOps, ImageSize};
 use mkonnx::model::network::Backend;
 use mkonnx::model::weights::{WeightError, Weights};
+use std::cell::OnceCell;
 use std::collections::HashMap;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The checkpoint's tensors on the device, by state_dict name, plus the folded parameters of
 /// every `FrozenBatchNorm2d`.
@@ -111,11 +113,51 @@ impl Clone for Shared {
 pub struct TchBackend<'a> {
     store: &'a WeightStore,
     error: Option<RuntimeError>,
+    /// Where new tensors (anchors, constants, pooled features) are made.
+    device: Device,
+    /// `MultiScaleRoIAlign`'s level scale exponents, kept from the first batch as the module
+    /// keeps its scales (absent: computed on every call).
+    level_exponents: Option<&'a OnceCell<Vec<f64>>>,
+    phases: PhaseTimer,
 }
 
 impl<'a> TchBackend<'a> {
     pub(crate) fn new(store: &'a WeightStore) -> Self {
-        TchBackend { store, error: None }
+        TchBackend { store, error: None, device: Device::Cpu, level_exponents: None, phases: PhaseTimer::from_env() }
+    }
+
+    /// A backend for one call of a detector: its weights, its device, and the level scales
+    /// it keeps across calls.
+    pub(crate) fn for_detector(store: &'a WeightStore, device: Device, level_exponents: &'a OnceCell<Vec<f64>>) -> Self {
+        TchBackend { device, level_exponents: Some(level_exponents), ..TchBackend::new(store) }
+    }
+
+    /// Prints the phase times, if profiling.
+    pub(crate) fn report_phases(&self) {
+        self.phases.report();
+    }
+
+    /// Whether an error is kept: later ops are skipped (libtorch aborts the process, through
+    /// tch's `Scalar` destructor, when an op with a scalar argument fails).
+    fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Keeps `e` (if it is the first error) and returns an empty tensor in place of a result.
+    fn fail(&mut self, e: RuntimeError) -> Shared {
+        self.error.get_or_insert(e);
+        Shared(Tensor::new())
+    }
+
+    /// The size of `t` along `axis` (negative: from the end); 0 for a tensor an earlier
+    /// error left undefined.
+    fn size_at(&self, t: &Shared, axis: i64) -> i64 {
+        if !t.0.defined() {
+            return 0;
+        }
+        let size = t.0.size();
+        let axis = if axis < 0 { size.len() as i64 + axis } else { axis };
+        usize::try_from(axis).ok().and_then(|a| size.get(a)).copied().unwrap_or(0)
     }
 
     /// The first error met since the last call, if any.
@@ -265,18 +307,33 @@ impl DetectionOps for TchBackend<'_> {
         self.keep(a.0.f_sub(&b.0), "sub")
     }
     fn add_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         self.keep(x.0.f_add_scalar(*s), "add")
     }
     fn sub_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         self.keep(x.0.f_sub_scalar(*s), "sub")
     }
     fn mul_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         self.keep(x.0.f_mul_scalar(*s), "mul")
     }
     fn div_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         self.keep(x.0.f_div_scalar(*s), "div")
     }
     fn clamp(&mut self, x: &Shared, lo: Option<&f64>, hi: Option<&f64>) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         // torch.clamp dispatches on which bounds are given; so do these calls.
         let r = match (lo, hi) {
             (Some(lo), Some(hi)) => x.0.f_clamp(*lo, *hi),
@@ -299,10 +356,360 @@ impl DetectionOps for TchBackend<'_> {
         self.keep(x.0.f_floor(), "floor")
     }
     fn at_least(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
         self.keep(x.0.f_ge(*s), "comparison")
     }
     fn both(&mut self, a: &Shared, b: &Shared) -> Shared {
         self.keep(a.0.f_logical_and(&b.0), "logical and")
+    }
+}
+
+/// The batch's image sizes on libtorch: each image's own frame, and the padded size.
+pub struct TchFrames {
+    /// Per image: resized and original [height, width].
+    frames: Vec<Frame<f64>>,
+    /// The padded batch's [height, width].
+    padded: [i64; 2],
+}
+
+impl TchFrames {
+    /// Frames from each image's resized and original [height, width].
+    pub(crate) fn new(sizes: &[([i64; 2], [i64; 2])], padded: [i64; 2]) -> Self {
+        let size = |[h, w]: [i64; 2]| ImageSize { height: h as f64, width: w as f64 };
+        TchFrames {
+            frames: sizes.iter().map(|&(resized, original)| Frame { resized: size(resized), original: size(original) }).collect(),
+            padded,
+        }
+    }
+}
+
+/// Copies a tensor to a Vec (through the CPU).
+pub(crate) fn to_vec<T: tch::kind::Element + Default + Clone>(t: &Tensor, step: &str) -> Result<Vec<T>, RuntimeError> {
+    let t = t.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(T::KIND)).and_then(|t| t.f_contiguous()).step(step)?;
+    let mut v = vec![T::default(); t.numel()];
+    t.f_copy_data(&mut v, t.numel()).step(step)?;
+    Ok(v)
+}
+
+/// Boxes [N, 4] as a Vec of rows.
+pub(crate) fn to_boxes(t: &Tensor, step: &str) -> Result<Vec<[f32; 4]>, RuntimeError> {
+    Ok(to_vec::<f32>(t, step)?.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect())
+}
+
+/// The pipeline ([`mkonnx::model::detection::pipeline`]) as eager torchvision runs it:
+/// per-image sets are one tensor per image, dropped candidates are gone (`boxes[keep]`),
+/// NMS and RoIAlign are torchvision's CPU kernels ([`crate::ops`]).
+impl PipelineOps for TchBackend<'_> {
+    type Int = i64;
+    type Sets = Vec<Shared>;
+    type Frames = TchFrames;
+
+    fn dim(&mut self, x: &Shared, axis: i64) -> i64 {
+        self.size_at(x, axis)
+    }
+    fn int_add(&mut self, a: &i64, b: &i64) -> i64 {
+        a + b
+    }
+    fn int_div(&mut self, a: &i64, b: &i64) -> i64 {
+        if *b == 0 {
+            self.fail(RuntimeError::Torch { step: "anchor strides".into(), source: tch::TchError::Kind("empty feature map".into()) });
+            return 0;
+        }
+        a / b
+    }
+    fn int_mul(&mut self, a: &i64, b: &i64) -> i64 {
+        a * b
+    }
+    fn int_const(&mut self, v: i64) -> i64 {
+        v
+    }
+    fn int_scalar(&mut self, i: &i64) -> f64 {
+        *i as f64
+    }
+    fn quotient(&mut self, a: &f64, b: &f64) -> f64 {
+        a / b
+    }
+    fn log2_round(&mut self, x: &f64) -> f64 {
+        let r = Tensor::f_from_slice(&[*x as f32])
+            .and_then(|t| t.f_reshape([0i64; 0]))
+            .and_then(|t| t.f_log2())
+            .and_then(|t| t.f_round())
+            .and_then(|t| t.f_double_value(&[]));
+        r.unwrap_or_else(|source| {
+            self.fail(RuntimeError::Torch { step: "MultiScaleRoIAlign scales".into(), source });
+            0.0
+        })
+    }
+    fn pow2(&mut self, e: &f64) -> f64 {
+        2f64.powf(*e)
+    }
+    fn neg(&mut self, x: &f64) -> f64 {
+        -x
+    }
+
+    fn padded_size(&mut self, frames: &TchFrames) -> [i64; 2] {
+        frames.padded
+    }
+    fn max_resized_height(&mut self, frames: &TchFrames) -> f64 {
+        frames.frames.iter().map(|f| f.resized.height).fold(0.0, f64::max)
+    }
+    fn level_exponents(&mut self, compute: impl FnOnce(&mut Self) -> Vec<f64>) -> Vec<f64> {
+        if let Some(kept) = self.level_exponents.and_then(OnceCell::get) {
+            return kept.clone();
+        }
+        let exponents = compute(self);
+        if let (Some(cell), None) = (self.level_exponents, &self.error) {
+            let _ = cell.set(exponents.clone());
+        }
+        exponents
+    }
+
+    fn strided_range(&mut self, n: &i64, s: &i64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        // torch.arange(0, n, dtype=int32) * s: whole numbers, exact in float32.
+        let r = Tensor::f_arange(*n, (Kind::Int64, self.device)).and_then(|t| t.f_mul_scalar(*s)).and_then(|t| t.f_to_kind(Kind::Float));
+        self.keep(r, "grid anchors")
+    }
+    fn mesh(&mut self, ys: &Shared, xs: &Shared) -> [Shared; 2] {
+        let (h, w) = (self.size_at(ys, 0), self.size_at(xs, 0));
+        let y = ys.0.f_view([-1, 1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1]));
+        let x = xs.0.f_view([1, -1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1]));
+        [self.keep(y, "grid anchors"), self.keep(x, "grid anchors")]
+    }
+    fn const_tensor(&mut self, values: &[f32], shape: &[i64]) -> Shared {
+        let r = Tensor::f_from_slice(values).and_then(|t| t.f_view(shape)).and_then(|t| t.f_to_device(self.device));
+        self.keep(r, "constant")
+    }
+    fn div(&mut self, a: &Shared, b: &Shared) -> Shared {
+        self.keep(a.0.f_div(&b.0), "div")
+    }
+    fn reshape(&mut self, x: &Shared, shape: &[i64]) -> Shared {
+        let shape: Vec<i64> = shape.iter().enumerate().map(|(i, &d)| if d == 0 { self.size_at(x, i as i64) } else { d }).collect();
+        self.keep(x.0.f_reshape(shape.as_slice()), "reshape")
+    }
+    fn concat(&mut self, xs: &[Shared], axis: i64) -> Shared {
+        let tensors: Vec<&Tensor> = xs.iter().map(|x| &x.0).collect();
+        self.keep(Tensor::f_cat(&tensors, axis), "cat")
+    }
+    fn permute_and_flatten(&mut self, x: &Shared, c: i64) -> Shared {
+        let (n, h, w) = (self.size_at(x, 0), self.size_at(x, 2), self.size_at(x, 3));
+        let r = x.0.f_view([n, -1, c, h, w]).and_then(|t| t.f_permute([0, 3, 4, 1, 2])).and_then(|t| t.f_reshape([n, -1, c]));
+        self.keep(r, "permute_and_flatten")
+    }
+    fn top_k(&mut self, x: &Shared, cap: usize) -> (Shared, Shared) {
+        let k = (cap as i64).min(self.size_at(x, -1));
+        match x.0.f_topk(k, -1, true, true) {
+            Ok((values, indices)) => (Shared(values), Shared(indices)),
+            Err(source) => {
+                let failed = self.fail(RuntimeError::Torch { step: "top-k".into(), source });
+                (failed.clone(), failed)
+            }
+        }
+    }
+    fn offset_indices(&mut self, indices: &Shared, by: &i64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        self.keep(indices.0.f_add_scalar(*by), "top-k indices")
+    }
+    fn gather_boxes(&mut self, x: &Shared, indices: &Shared) -> Shared {
+        let (n, k) = (self.size_at(indices, 0), self.size_at(indices, 1));
+        let r = indices.0.f_unsqueeze(-1).and_then(|i| i.f_expand([n, k, 4], false)).and_then(|i| x.0.f_gather(1, &i, false));
+        self.keep(r, "gathering boxes")
+    }
+    fn fill_like(&mut self, like: &Shared, v: f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        self.keep(like.0.f_full_like(v), "fill")
+    }
+    fn sigmoid(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_sigmoid(), "sigmoid")
+    }
+    fn softmax(&mut self, x: &Shared) -> Shared {
+        self.keep(x.0.f_softmax(-1, None::<Kind>), "softmax")
+    }
+    fn greater(&mut self, x: &Shared, s: &f64) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        self.keep(x.0.f_gt(*s), "comparison")
+    }
+    fn slice_from(&mut self, x: &Shared, axis: i64, start: i64) -> Shared {
+        let len = self.size_at(x, axis) - start;
+        self.keep(x.0.f_narrow(axis, start, len.max(0)), "slice")
+    }
+    fn merge_axes(&mut self, x: &Shared, axis: i64) -> Shared {
+        let mut size = if x.0.defined() { x.0.size() } else { Vec::new() };
+        let a = if axis < 0 { size.len() as i64 + axis } else { axis };
+        if a < 0 || a as usize + 1 >= size.len() {
+            return self.fail(RuntimeError::Torch {
+                step: "reshape".into(),
+                source: tch::TchError::Shape(format!("cannot merge axis {axis} of {size:?}")),
+            });
+        }
+        let a = a as usize;
+        size[a] *= size[a + 1];
+        size.remove(a + 1);
+        self.keep(x.0.f_reshape(size.as_slice()), "reshape")
+    }
+    fn class_ids_like(&mut self, scores: &Shared) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        // torch.arange(num_classes).view(1, -1).expand_as(scores), as float ids.
+        let c = self.size_at(scores, -1);
+        let r = Tensor::f_arange(c, (Kind::Float, self.device)).and_then(|t| t.f_expand_as(&scores.0));
+        self.keep(r, "labels")
+    }
+
+    fn per_image(&mut self, x: &Shared) -> Vec<Shared> {
+        (0..self.size_at(x, 0)).map(|i| self.keep(x.0.f_select(0, i), "per-image split")).collect()
+    }
+    fn rows(&mut self, sets: &Vec<Shared>) -> Shared {
+        self.concat(sets, 0)
+    }
+    fn batch_index(&mut self, sets: &Vec<Shared>) -> Shared {
+        let index: Vec<f32> =
+            sets.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i as f32, self.size_at(s, 0) as usize)).collect();
+        let r = Tensor::f_from_slice(&index).and_then(|t| t.f_to_device(self.device));
+        self.keep(r, "batch index")
+    }
+    fn split_rows(&mut self, rows: &Shared, like: &Vec<Shared>) -> Vec<Shared> {
+        let counts: Vec<i64> = like.iter().map(|s| self.size_at(s, 0)).collect();
+        match rows.0.f_split_with_sizes(counts.as_slice(), 0) {
+            Ok(parts) => parts.into_iter().map(Shared).collect(),
+            Err(source) => vec![self.fail(RuntimeError::Torch { step: "per-image split".into(), source }); like.len()],
+        }
+    }
+    fn map_images<F>(&mut self, frames: &TchFrames, inputs: &[&Vec<Shared>], mut f: F) -> Vec<Vec<Shared>>
+    where
+        F: FnMut(&mut Self, &[Shared], &Frame<f64>) -> Vec<Shared>,
+    {
+        let mut outputs: Vec<Vec<Shared>> = Vec::new();
+        for (i, frame) in frames.frames.iter().enumerate() {
+            let tensors: Vec<Shared> = inputs.iter().map(|set| set.get(i).cloned().unwrap_or_else(|| Shared(Tensor::new()))).collect();
+            let results = f(self, &tensors, frame);
+            outputs.resize_with(results.len(), Vec::new);
+            for (set, t) in outputs.iter_mut().zip(results) {
+                set.push(t);
+            }
+        }
+        outputs
+    }
+    fn keep_where(&mut self, c: Candidates<Shared>, keep: &Shared) -> Candidates<Shared> {
+        let index = keep.0.f_nonzero().and_then(|t| t.f_squeeze_dim(1));
+        let index = self.keep(index, "filtering candidates");
+        let [boxes, scores, classes] = [&c.boxes, &c.scores, &c.classes].map(|t| {
+            let r = t.0.f_index_select(0, &index.0);
+            self.keep(r, "filtering candidates")
+        });
+        Candidates { boxes, scores, classes }
+    }
+    fn batched_nms_top(&mut self, c: &Candidates<Shared>, _class_ids: std::ops::Range<usize>, iou: f32, k: usize) -> Candidates<Shared> {
+        let step = "batched_nms";
+        let kept = (|| -> Result<Shared, RuntimeError> {
+            let boxes = to_boxes(&c.boxes.0, step)?;
+            let scores = to_vec::<f32>(&c.scores.0, step)?;
+            let classes = to_vec::<i64>(&c.classes.0, step)?;
+            let mut keep = batched_nms(&boxes, &scores, &classes, python_float(iou), self.device.is_cuda())?;
+            keep.truncate(k);
+            let keep: Vec<i64> = keep.into_iter().map(|i| i as i64).collect();
+            Tensor::f_from_slice(&keep).and_then(|t| t.f_to_device(self.device)).map(Shared).step(step)
+        })();
+        let kept = kept.unwrap_or_else(|e| self.fail(e));
+        let [boxes, scores, classes] = [&c.boxes, &c.scores, &c.classes].map(|t| {
+            let r = t.0.f_index_select(0, &kept.0);
+            self.keep(r, step)
+        });
+        Candidates { boxes, scores, classes }
+    }
+
+    fn roi_align(&mut self, map: &Shared, rois: &Shared, batch_index: &Shared, scale: &f64) -> Shared {
+        let step = "MultiScaleRoIAlign";
+        let pooled = (|| -> Result<Tensor, RuntimeError> {
+            let (r, c) = (self.size_at(rois, 0), self.size_at(map, 1));
+            let side = ROI_OUTPUT_SIZE;
+            if r == 0 {
+                return Tensor::f_zeros([0, c, side, side], (Kind::Float, self.device)).step(step);
+            }
+            let shape = map.0.size();
+            let shape = [shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize];
+            let input = to_vec::<f32>(&map.0, step)?;
+            let boxes = to_boxes(&rois.0, step)?;
+            let images = to_vec::<f32>(&batch_index.0, step)?;
+            let rois: Vec<[f32; 5]> = images.iter().zip(&boxes).map(|(&i, b)| [i, b[0], b[1], b[2], b[3]]).collect();
+            let params = RoiAlignParams {
+                spatial_scale: *scale as f32,
+                pooled_height: side as usize,
+                pooled_width: side as usize,
+                sampling_ratio: ROI_SAMPLING_RATIO as i32,
+                aligned: false,
+            };
+            let mut out = vec![0f32; rois.len() * shape[1] * (side * side) as usize];
+            roi_align(&input, shape, &rois, &params, &mut out)?;
+            Tensor::f_from_slice(&out).and_then(|t| t.f_view([r, c, side, side])).and_then(|t| t.f_to_device(self.device)).step(step)
+        })();
+        pooled.map(Shared).unwrap_or_else(|e| self.fail(e))
+    }
+    fn rows_at_level(&mut self, levels: &Shared, level: usize) -> Shared {
+        if self.failed() {
+            return Shared(Tensor::new());
+        }
+        let r = levels.0.f_eq(level as f64).and_then(|t| t.f_nonzero()).and_then(|t| t.f_squeeze_dim(1));
+        self.keep(r, "LevelMapper")
+    }
+    fn take_rows(&mut self, x: &Shared, index: &Shared) -> Shared {
+        self.keep(x.0.f_index_select(0, &index.0), "MultiScaleRoIAlign")
+    }
+    fn put_rows(&mut self, into: Shared, index: &Shared, rows: &Shared) -> Shared {
+        let mut t = into.0;
+        let r = t.f_index_copy_(0, &index.0, &rows.0).map(|_| t);
+        self.keep(r, "MultiScaleRoIAlign")
+    }
+    fn without_padding(&mut self, boxes: &Shared, _scores: &Shared) -> Shared {
+        boxes.clone()
+    }
+    fn zeros_pooled(&mut self, rois: &Shared, map: &Shared) -> Shared {
+        let (r, c) = (self.size_at(rois, 0), self.size_at(map, 1));
+        self.keep(Tensor::f_zeros([r, c, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE], (Kind::Float, self.device)), "MultiScaleRoIAlign")
+    }
+
+    fn phase_done(&mut self, phase: &'static str) {
+        self.phases.lap(phase);
+    }
+}
+
+/// Wall time per inference phase, printed to stderr when `MKONNX_TORCH_PROFILE` is set (to
+/// see where a slow model spends its time, next to eager PyTorch's own profile).
+pub(crate) struct PhaseTimer {
+    last: Option<std::time::Instant>,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseTimer {
+    fn from_env() -> Self {
+        let on = std::env::var_os("MKONNX_TORCH_PROFILE").is_some_and(|v| !v.is_empty() && v != "0");
+        PhaseTimer { last: on.then(std::time::Instant::now), laps: Vec::new() }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        if let Some(last) = self.last.as_mut() {
+            let now = std::time::Instant::now();
+            self.laps.push((phase, now - *last));
+            *last = now;
+        }
+    }
+
+    fn report(&self) {
+        if self.last.is_some() {
+            let laps: Vec<String> = self.laps.iter().map(|(p, d)| format!("{p} {:.1} ms", d.as_secs_f64() * 1e3)).collect();
+            eprintln!("mkonnx-torch profile: {}", laps.join(", "));
+        }
     }
 }
 

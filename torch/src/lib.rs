@@ -1,11 +1,12 @@
 //! torchvision's FasterRCNN run natively on libtorch (through tch): the PyTorch side of
 //! mkonnx's evaluations and parity checks when no eager evaluation is at hand.
 //!
-//! The network layers come from [`mkonnx::model::network`] (the same description the ONNX
-//! exporter emits), executed by [`TchBackend`]. Around them, [`TorchDetector::detect`]
-//! spells out torchvision's eager inference (`GeneralizedRCNN.forward` in eval mode) op for
-//! op: `GeneralizedRCNNTransform`, `AnchorGenerator`, `RegionProposalNetwork`,
-//! `MultiScaleRoIAlign`, `RoIHeads.postprocess_detections`, `transform.postprocess`.
+//! The network layers come from [`mkonnx::model::network`] and everything around them
+//! (`AnchorGenerator`, `RegionProposalNetwork`, `MultiScaleRoIAlign`,
+//! `RoIHeads.postprocess_detections`, `transform.postprocess`) from
+//! [`mkonnx::model::detection::pipeline`]: the same descriptions the ONNX exporter emits,
+//! executed by [`TchBackend`] as eager torchvision's ATen calls. [`TorchDetector::detect`]
+//! adds the per-image resize of `GeneralizedRCNNTransform`.
 //!
 //! Exactness: on CPU with one thread the outputs are bit-identical to eager torchvision
 //! (same libtorch kernels on same-shaped tensors; [`ops`] replays torchvision's CPU `nms` and
@@ -31,7 +32,6 @@ pub use backend::TchBackend;
 pub use tch::Device;
 
 use backend::WeightStore;
-use mkonnx::model::anchors::cell_anchors;
 use mkonnx::model::weights::WeightError;
 use mkonnx::model::{Architecture, Detector, DetectorParams};
 use serde::{Deserialize, Serialize};
@@ -104,15 +104,6 @@ pub struct Trace {
     pub proposals: Vec<[f32; 4]>,
 }
 
-/// `MultiScaleRoIAlign`'s cached setup: the scale of each pooled level and the level
-/// mapper's range.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct RoiLevels {
-    pub scales: Vec<f64>,
-    pub k_min: i64,
-    pub k_max: i64,
-}
-
 /// A FasterRCNN ready to run on libtorch: weights converted once to tensors on `device`.
 ///
 /// Not `Sync` (tch tensors are not): use one per thread, or a lock.
@@ -121,10 +112,9 @@ pub struct TorchDetector {
     params: DetectorParams,
     device: Device,
     store: WeightStore,
-    /// Cell anchors per feature level (torchvision's `AnchorGenerator.cell_anchors`).
-    cell_anchors: Vec<Vec<[f32; 4]>>,
-    /// Set by the first batch, then kept, as in torchvision.
-    roi_levels: OnceCell<RoiLevels>,
+    /// `MultiScaleRoIAlign`'s level scale exponents: set by the first batch, then kept, as
+    /// torchvision's module keeps its scales.
+    roi_levels: OnceCell<Vec<f64>>,
 }
 
 impl TorchDetector {
@@ -135,8 +125,7 @@ impl TorchDetector {
         let _guard = tch::no_grad_guard();
         let store = WeightStore::new(&detector.weights, device, detector.arch)?;
         let arch = detector.arch;
-        let cell_anchors = arch.anchor_sizes().iter().zip(arch.aspect_ratios()).map(|(s, r)| cell_anchors(s, &r)).collect();
-        Ok(TorchDetector { arch, params: detector.params.clone(), device, store, cell_anchors, roi_levels: OnceCell::new() })
+        Ok(TorchDetector { arch, params: detector.params.clone(), device, store, roi_levels: OnceCell::new() })
     }
 
     /// The architecture this detector runs.

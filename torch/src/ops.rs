@@ -15,6 +15,8 @@
 //! - C++ `std::max`/`std::min` and float-to-int casts are spelled out where NaN or
 //!   out-of-range values could make Rust's `f32::max` or `as` behave differently.
 
+use mkonnx::model::arch::batched_nms_trick_max_candidates;
+#[cfg(doc)]
 use mkonnx::model::arch::{BATCHED_NMS_TRICK_MAX_NUMEL_CPU, BATCHED_NMS_TRICK_MAX_NUMEL_CUDA};
 
 /// Errors of the operators' inputs.
@@ -296,8 +298,7 @@ pub fn batched_nms(boxes: &[[f32; 4]], scores: &[f32], idxs: &[i64], iou_thresho
             what: format!("{} boxes, {} scores and {} category indices", boxes.len(), scores.len(), idxs.len()),
         });
     }
-    let limit = if on_cuda { BATCHED_NMS_TRICK_MAX_NUMEL_CUDA } else { BATCHED_NMS_TRICK_MAX_NUMEL_CPU };
-    if boxes.len() * 4 > limit {
+    if boxes.len() > batched_nms_trick_max_candidates(on_cuda) {
         batched_nms_vanilla(boxes, scores, idxs, iou_threshold)
     } else {
         batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)

@@ -1,24 +1,24 @@
-//! torchvision's detection logic around the network, written once over [`DetectionOps`].
+//! torchvision's detection logic around the network, written once.
 //!
 //! [`network`](super::network) describes the layers once; this module does the same for the
-//! formulas between them: box decoding ([`box_coder`]), clipping, small-box removal and the
-//! rescale to the original image ([`boxes`]), the RoI level mapper ([`level_mapper`]) and the
-//! resize size ([`resize`]). The ONNX writer (`onnx::export::OnnxBackend`) implements the ops
-//! as graph nodes, the libtorch runner (`mkonnx_torch::backend::TchBackend`) as the ATen calls
-//! eager torchvision makes, so one description gives both the graph and the bit-exact runner.
+//! formulas between them, over [`DetectionOps`]: box decoding ([`box_coder`]), clipping,
+//! small-box removal and the rescale to the original image ([`boxes`]), the RoI level mapper
+//! ([`level_mapper`]) and the resize size ([`resize`]); and for the pipeline that ties layers
+//! and formulas together ([`pipeline`], over [`pipeline::PipelineOps`]). The ONNX writer
+//! (`onnx::export::OnnxBackend`) implements the ops as graph nodes, the libtorch runner
+//! (`mkonnx_torch::TchBackend`) as the ATen calls eager torchvision makes, so one description
+//! gives both the graph and the bit-exact runner.
 //!
 //! Each function names the torchvision code it mirrors and keeps its operation order: in
 //! float32, `(a - b) * c` and `a * c - b * c` differ in the last bit, and the runner must equal
 //! eager PyTorch bit for bit. Backends implement each op with the same arithmetic as
 //! torchvision's (for instance a scalar multiplier is rounded to float32 first, as ATen does).
-//!
-//! What is not here yet: the orchestration (per-level top-k, batched NMS, multi-scale RoI
-//! pooling, the post-processing loop), which the ONNX graph runs on padded per-batch tensors
-//! and the runner on per-image lists; see docs/ARCHITECTURE.md section 9.
+//! See docs/ARCHITECTURE.md section 9 for where each torchvision behaviour lives.
 
 pub mod box_coder;
 pub mod boxes;
 pub mod level_mapper;
+pub mod pipeline;
 pub mod resize;
 
 use super::network::Backend;
