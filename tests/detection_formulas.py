@@ -15,9 +15,11 @@ import sys
 
 import torch
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
-from torchvision.ops.poolers import LevelMapper
+from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 
 
 def flat(t: torch.Tensor) -> list:
@@ -87,6 +89,53 @@ def level_case(g: torch.Generator) -> dict:
     return {"boxes": flat(boxes), "k_min": k_min, "k_max": k_max, "out": [int(v) for v in levels.tolist()]}
 
 
+def grid_anchor_cases() -> list:
+    """AnchorGenerator on the detectors' level layouts: ResNet-50 FPN (five levels, one size
+    each) at 224x288 (the stride-64 map is 4x5, so its strides are 224 // 4 = 56 and
+    288 // 5 = 57), MobileNetV3 FPN (three levels, five sizes each) at 320x448."""
+    cases = []
+    layouts = [
+        (((32,), (64,), (128,), (256,), (512,)), (224, 288), (4, 8, 16, 32, 64)),
+        (((32, 64, 128, 256, 512),) * 3, (320, 448), (16, 32, 64)),
+    ]
+    for sizes, padded, strides in layouts:
+        ratios = ((0.5, 1.0, 2.0),) * len(sizes)
+        images = ImageList(torch.zeros(1, 3, *padded), [padded])
+        features = [torch.zeros(1, 1, -(-padded[0] // s), -(-padded[1] // s)) for s in strides]
+        anchors = AnchorGenerator(sizes, ratios)(images, features)[0]
+        cases.append({
+            "sizes": [list(s) for s in sizes],
+            "ratios": [list(r) for r in ratios],
+            "padded": list(padded),
+            "features": [list(f.shape[-2:]) for f in features],
+            "out": flat(anchors),
+        })
+    return cases
+
+
+def roi_pool_case(g: torch.Generator) -> dict:
+    """MultiScaleRoIAlign over a batch of two images (resized 200x300 and 256x320, padded
+    256x320), 48 RoIs each, from small ones to ones past the image (every level), on random
+    feature maps named as BackboneWithFPN names them."""
+    shapes = {"0": (64, 80), "1": (32, 40), "2": (16, 20), "3": (8, 10), "pool": (4, 5)}
+    features = {name: torch.randn(2, 3, *shape, generator=g) for name, shape in shapes.items()}
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(44, 2, generator=g) * 150
+        wh = 4 + torch.rand(44, 2, generator=g) * 300
+        big = torch.tensor([[0.0, 0.0, 460.0, 460.0], [10.0, 20.0, 250.0, 244.0], [5.0, 5.0, 117.0, 117.0], [1.0, 2.0, 3.0, 4.0]])
+        boxes.append(torch.cat([torch.cat([xy, xy + wh], dim=1), big]))
+    image_sizes = [(200, 300), (256, 320)]
+    out = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(features, boxes, image_sizes)
+    return {
+        "names": list(shapes),
+        "features": [{"shape": list(f.shape), "values": flat(f)} for f in features.values()],
+        "boxes": [flat(b) for b in boxes],
+        "image_sizes": [list(s) for s in image_sizes],
+        "out": flat(out),
+    }
+
+
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(20261202)
@@ -97,6 +146,8 @@ def main(out_path: str) -> None:
         "small_boxes": small_box_case(g),
         "resize_boxes": resize_case(g),
         "level_mapper": level_case(g),
+        "grid_anchors": grid_anchor_cases(),
+        "multi_scale_roi_align": roi_pool_case(g),
     }
     with open(out_path, "w") as f:
         json.dump(cases, f)

@@ -1,8 +1,9 @@
 //! Each detection formula of `src/model/detection/` as the ONNX writer emits it, run in ONNX
 //! Runtime, against torchvision's own function on the inputs `tests/detection_formulas.py`
 //! makes (edge cases included): `BoxCoder.decode_single`, `clip_boxes_to_image`,
-//! `remove_small_boxes`, `resize_boxes` and `LevelMapper`. The libtorch runner's version of the
-//! same formulas is checked bit for bit in torch/src/backend.rs.
+//! `remove_small_boxes`, `resize_boxes` and `LevelMapper`; and the pipeline's composites
+//! `AnchorGenerator` (grid anchors) and `MultiScaleRoIAlign`. The libtorch runner's version of
+//! the same code is checked bit for bit in torch/src/backend.rs.
 //!
 //! Exact formulas (clamps, comparisons, products with a float32 ratio, the level index) must
 //! give torchvision's bits. Decoding goes through `exp`, whose ONNX Runtime kernel may differ
@@ -12,10 +13,12 @@
 mod common;
 use common::runtimes::{Job, Tensor};
 use common::*;
+use mkonnx::model::anchors::cell_anchors;
+use mkonnx::model::detection::pipeline::{self, PipelineOps};
 use mkonnx::model::detection::{box_coder, boxes, level_mapper, DetectionOps, ImageSize};
 use mkonnx::model::weights::Weights;
 use mkonnx::onnx::builder::{Dim, GraphBuilder, Value as GraphValue};
-use mkonnx::onnx::export::OnnxBackend;
+use mkonnx::onnx::export::{Frames, OnnxBackend};
 use mkonnx::onnx::proto::DataType;
 use serde_json::Value;
 
@@ -58,6 +61,12 @@ fn formula_model(
     let path = job.dir.path().join(format!("{name}.onnx"));
     std::fs::write(&path, mkonnx::onnx::encode(&g.finish(name, "", Vec::new()))).unwrap();
     job.add_model(&path, "onnxruntime", &["out"])
+}
+
+/// A grid-anchor case's cell anchors per level.
+fn level_cells(case: &Value) -> Vec<Vec<[f32; 4]>> {
+    let lists = |key: &str| -> Vec<Vec<f32>> { case[key].as_array().unwrap().iter().map(f32s).collect() };
+    lists("sizes").iter().zip(lists("ratios")).map(|(s, r)| cell_anchors(s, &r)).collect()
 }
 
 /// No difference allowed (the same bits).
@@ -183,6 +192,59 @@ fn every_formula_in_onnx_runtime_equals_torchvision() {
     );
     let out = f32s(&levels["out"]);
     checks.push(("LevelMapper".into(), m, out.clone(), exact(&out)));
+
+    // The pipeline's composites: AnchorGenerator's grid anchors and MultiScaleRoIAlign.
+    for (i, case) in cases["grid_anchors"].as_array().unwrap().iter().enumerate() {
+        let shapes: Vec<[usize; 4]> = case["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| [1, 1, f[0].as_u64().unwrap() as usize, f[1].as_u64().unwrap() as usize])
+            .collect();
+        let names: Vec<String> = (0..shapes.len()).map(|l| format!("feature{l}")).collect();
+        let cells = level_cells(case);
+        let padded = [case["padded"][0].as_i64().unwrap(), case["padded"][1].as_i64().unwrap()];
+        let inputs: Vec<(&str, &[usize])> = names.iter().zip(&shapes).map(|(n, s)| (n.as_str(), &s[..])).collect();
+        let m = formula_model(&mut job, &format!("grid_anchors{i}"), &inputs, |b, v| {
+            let padded = [b.g.ints(&[padded[0]]), b.g.ints(&[padded[1]])];
+            let levels: Vec<GraphValue> = v.iter().zip(&cells).map(|(f, c)| pipeline::grid_anchors(b, f, c, &padded)).collect();
+            b.concat(&levels, 0)
+        });
+        let runs: Vec<(&str, &[usize], Tensor)> =
+            names.iter().zip(&shapes).map(|(n, s)| (n.as_str(), &s[..], Tensor::F32(vec![0.0; s.iter().product()]))).collect();
+        job.add_run(m, &runs);
+        let out = f32s(&case["out"]);
+        checks.push((format!("AnchorGenerator (padded {padded:?})"), m, out.clone(), exact(&out)));
+    }
+
+    let pool = &cases["multi_scale_roi_align"];
+    let names: Vec<String> = pool["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let features = pool["features"].as_array().unwrap();
+    let shapes: Vec<Vec<usize>> =
+        features.iter().map(|f| f["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()).collect();
+    let boxes: Vec<f32> = pool["boxes"].as_array().unwrap().iter().flat_map(f32s).collect();
+    let images = pool["boxes"].as_array().unwrap().len();
+    let proposal_shape = [images, boxes.len() / 4 / images, 4];
+    let tallest = pool["image_sizes"].as_array().unwrap().iter().map(|s| s[0].as_f64().unwrap() as f32).fold(0.0, f32::max);
+    let map_names: Vec<String> = (0..names.len()).map(|i| format!("map{i}")).collect();
+    let mut inputs: Vec<(&str, &[usize])> = map_names.iter().zip(&shapes).map(|(n, s)| (n.as_str(), &s[..])).collect();
+    inputs.push(("proposals", &proposal_shape));
+    let m = formula_model(&mut job, "multi_scale_roi_align", &inputs, |b, v| {
+        let (maps, proposals) = v.split_at(names.len());
+        // The graph's images share one size; the scales use the tallest, as torchvision does.
+        let height = b.g.scalar_f32(tallest);
+        let size = || ImageSize { height: height.clone(), width: height.clone() };
+        let padded = [b.g.ints(&[0]), b.g.ints(&[0])];
+        let frames = Frames::new(size(), size(), padded);
+        pipeline::multi_scale_roi_align(b, &names, maps, &proposals[0], &frames)
+    });
+    let mut runs: Vec<(&str, &[usize], Tensor)> =
+        map_names.iter().zip(&shapes).zip(features).map(|((n, s), f)| (n.as_str(), &s[..], Tensor::F32(f32s(&f["values"])))).collect();
+    runs.push(("proposals", &proposal_shape, Tensor::F32(boxes)));
+    job.add_run(m, &runs);
+    let out = f32s(&pool["out"]);
+    // ONNX Runtime's RoiAlign (output_half_pixel) computes torchvision's kernel's bits.
+    checks.push(("MultiScaleRoIAlign".into(), m, out.clone(), exact(&out)));
 
     let results = job.run();
     for (what, m, expected, tolerance) in checks {

@@ -200,6 +200,14 @@ pub struct Frames {
     padded: [Value; 2],
 }
 
+impl Frames {
+    /// The frames of a batch whose images share the `resized` and `original` sizes (float32
+    /// scalars), padded to `padded` (int64 [1] height and width).
+    pub fn new(resized: ImageSize<Value>, original: ImageSize<Value>, padded: [Value; 2]) -> Self {
+        Frames { frame: Frame { resized, original }, padded }
+    }
+}
+
 /// The detections as the model's outputs: `location` [B, N, 4] (boxes divided by the input's
 /// width and height), `score` [B, N], `category` int64 [B, N], where N is the largest
 /// detection count of the batch and rows past an image's own count are zeros.

@@ -715,11 +715,13 @@ impl PhaseTimer {
 
 #[cfg(test)]
 mod tests {
-    //! The detection formulas on libtorch against torchvision itself, bit for bit, on the
-    //! inputs of `tests/detection_formulas.py` (the ONNX side is tests/detection_formulas.rs).
+    //! The detection formulas and the pipeline's composites (grid anchors, MultiScaleRoIAlign)
+    //! on libtorch against torchvision itself, bit for bit, on the inputs of
+    //! `tests/detection_formulas.py` (the ONNX side is tests/detection_formulas.rs).
 
     use super::*;
-    use mkonnx::model::detection::{box_coder, boxes, level_mapper, ImageSize};
+    use mkonnx::model::anchors::cell_anchors;
+    use mkonnx::model::detection::{box_coder, boxes, level_mapper, pipeline, ImageSize};
     use serde_json::Value;
     use std::path::Path;
 
@@ -747,6 +749,62 @@ mod tests {
         if let Some(i) = bad {
             panic!("{what}: value {i} is {} on libtorch, {} in torchvision", got[i], expected[i]);
         }
+    }
+
+    #[test]
+    fn pipeline_composites_equal_torchvision_bit_for_bit() {
+        let cases = torchvision_cases();
+        let store = WeightStore { tensors: HashMap::new(), frozen: HashMap::new() };
+        let mut b = TchBackend::new(&store);
+        let int = |v: &Value| v.as_i64().unwrap();
+
+        for case in cases["grid_anchors"].as_array().unwrap() {
+            let lists = |key: &str| -> Vec<Vec<f32>> {
+                case[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                    .collect()
+            };
+            let padded = [int(&case["padded"][0]), int(&case["padded"][1])];
+            let levels: Vec<Shared> = case["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(lists("sizes").iter().zip(lists("ratios")))
+                .map(|(hw, (sizes, ratios))| {
+                    let feature = Shared(Tensor::zeros([1, 1, int(&hw[0]), int(&hw[1])], (Kind::Float, Device::Cpu)));
+                    pipeline::grid_anchors(&mut b, &feature, &cell_anchors(sizes, &ratios), &padded)
+                })
+                .collect();
+            let anchors = b.concat(&levels, 0);
+            assert_same_bits(&format!("AnchorGenerator (padded {padded:?})"), &anchors, &tensor(&case["out"], &[-1, 4]));
+        }
+
+        let pool = &cases["multi_scale_roi_align"];
+        let names: Vec<String> = pool["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+        let maps: Vec<Shared> = pool["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| tensor(&f["values"], &f["shape"].as_array().unwrap().iter().map(int).collect::<Vec<_>>()))
+            .collect();
+        let proposals: Vec<Shared> = pool["boxes"].as_array().unwrap().iter().map(|boxes| tensor(boxes, &[-1, 4])).collect();
+        let sizes: Vec<([i64; 2], [i64; 2])> = pool["image_sizes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let size = [int(&s[0]), int(&s[1])];
+                (size, size)
+            })
+            .collect();
+        let frames = TchFrames::new(&sizes, [0, 0]);
+        let pooled = pipeline::multi_scale_roi_align(&mut b, &names, &maps, &proposals, &frames);
+        let channels = maps[0].0.size()[1];
+        assert_same_bits("MultiScaleRoIAlign", &pooled, &tensor(&pool["out"], &[-1, channels, 7, 7]));
+        assert!(b.take_error().is_none());
     }
 
     #[test]

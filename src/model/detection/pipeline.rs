@@ -222,12 +222,13 @@ pub fn padded_side<B: PipelineOps>(b: &mut B, side: &B::Int) -> B::Int {
 }
 
 /// `AnchorGenerator.grid_anchors` for one feature map: the level's cell anchors shifted
-/// over the map, with stride = padded image size // map size. [h·w·A, 4].
-pub fn grid_anchors<B: PipelineOps>(b: &mut B, feature: &B::Tensor, cells: &[[f32; 4]], frames: &B::Frames) -> B::Tensor {
-    let [padded_h, padded_w] = b.padded_size(frames);
+/// over the map, with stride = padded image size // map size, for the padded batch's
+/// [height, width] `padded`. [h·w·A, 4].
+pub fn grid_anchors<B: PipelineOps>(b: &mut B, feature: &B::Tensor, cells: &[[f32; 4]], padded: &[B::Int; 2]) -> B::Tensor {
+    let [padded_h, padded_w] = padded;
     let (h, w) = (b.dim(feature, 2), b.dim(feature, 3));
-    let stride_h = b.int_div(&padded_h, &h);
-    let stride_w = b.int_div(&padded_w, &w);
+    let stride_h = b.int_div(padded_h, &h);
+    let stride_w = b.int_div(padded_w, &w);
     let ys = b.strided_range(&h, &stride_h);
     let xs = b.strided_range(&w, &stride_w);
     let [ys, xs] = b.mesh(&ys, &xs);
@@ -254,13 +255,14 @@ pub fn proposals<B: PipelineOps>(
     let mut objectness = Vec::with_capacity(maps.len());
     let mut deltas = Vec::with_capacity(maps.len());
     let mut anchors = Vec::with_capacity(maps.len());
+    let padded = b.padded_size(frames);
     for ((map, sizes), ratios) in maps.iter().zip(&sizes).zip(&ratios) {
         let (logits, bbox) = network::rpn_head(b, arch, map)?;
         // concat_box_prediction_layers: [B, H·W·A] logits and [B, H·W·A, 4] deltas per level.
         let flat = b.permute_and_flatten(&logits, 1);
         objectness.push(b.reshape(&flat, &[0, -1]));
         deltas.push(b.permute_and_flatten(&bbox, 4));
-        anchors.push(grid_anchors(b, map, &cell_anchors(sizes, ratios), frames));
+        anchors.push(grid_anchors(b, map, &cell_anchors(sizes, ratios), &padded));
     }
     let anchors = b.concat(&anchors, 0);
     let deltas = b.concat(&deltas, 1);
