@@ -18,6 +18,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import batched_nms
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import LevelMapper, MultiScaleRoIAlign
 
@@ -136,6 +137,30 @@ def roi_pool_case(g: torch.Generator) -> dict:
     }
 
 
+def batched_nms_cases(g: torch.Generator) -> list:
+    """batched_nms on candidates as the pipeline gives it them (at least 1e-2 wide and tall):
+    clustered boxes with some duplicates, on both sides of its switch from the
+    coordinate trick (at most 1000 candidates on the CPU) to a loop over the classes."""
+    cases = []
+    for n, classes, iou in ((50, 3, 0.5), (1000, 5, 0.7), (1001, 5, 0.7), (2500, 80, 0.5)):
+        # Clusters around 60 objects, so that many candidates overlap above the threshold.
+        centres = torch.rand(60, 2, generator=g) * 300
+        sides = 10 + torch.rand(60, 2, generator=g) * 80
+        member = torch.randint(0, 60, (n,), generator=g)
+        xy = centres[member] + torch.randn(n, 2, generator=g) * 4
+        wh = (sides[member] + torch.randn(n, 2, generator=g) * 4).clamp(min=0.01)
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        boxes[n // 10 : n // 10 + n // 20] = boxes[: n // 20]
+        scores = torch.rand(n, generator=g)
+        idxs = torch.randint(0, classes, (n,), generator=g)
+        keep = batched_nms(boxes, scores, idxs, iou)
+        cases.append({
+            "boxes": flat(boxes), "scores": flat(scores), "classes": [int(c) for c in idxs.tolist()],
+            "class_count": classes, "iou_threshold": iou, "keep": [int(k) for k in keep.tolist()],
+        })
+    return cases
+
+
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(20261202)
@@ -148,6 +173,7 @@ def main(out_path: str) -> None:
         "level_mapper": level_case(g),
         "grid_anchors": grid_anchor_cases(),
         "multi_scale_roi_align": roi_pool_case(g),
+        "batched_nms": batched_nms_cases(g),
     }
     with open(out_path, "w") as f:
         json.dump(cases, f)

@@ -263,3 +263,62 @@ fn every_formula_in_onnx_runtime_equals_torchvision() {
         }
     }
 }
+
+/// `batched_nms` as the ONNX graph runs it ([`PipelineOps::batched_nms_top`]) against
+/// torchvision's, on candidates as the pipeline gives it them (at least 1e-2 wide and tall:
+/// the ONNX operator, unlike torchvision, reads an inverted box as its mirror image), on both
+/// sides of the switch from the coordinate trick to the per-class loop: the same candidates
+/// kept, by decreasing score.
+#[test]
+fn batched_nms_in_onnx_runtime_keeps_what_torchvision_keeps() {
+    let cases = torchvision_cases();
+    let mut job = Job::new();
+    let mut expected = Vec::new();
+    let mut paths = [0, 0];
+    for (i, case) in cases["batched_nms"].as_array().unwrap().iter().enumerate() {
+        let (boxes, scores, classes) = (f32s(&case["boxes"]), f32s(&case["scores"]), f32s(&case["classes"]));
+        let n = scores.len();
+        let class_count = case["class_count"].as_u64().unwrap() as usize;
+        let iou = case["iou_threshold"].as_f64().unwrap() as f32;
+        paths[usize::from(n > mkonnx::model::arch::batched_nms_trick_max_candidates(false))] += 1;
+        let m = formula_model(
+            &mut job,
+            &format!("batched_nms{i}"),
+            &[("boxes", &[1, n, 4]), ("scores", &[1, n]), ("classes", &[1, n])],
+            |b, v| {
+                let candidates = pipeline::Candidates { boxes: v[0].clone(), scores: v[1].clone(), classes: v[2].clone() };
+                let kept = b.batched_nms_top(&candidates, 0..class_count, iou, n);
+                let scores = b.g.unsqueeze(&kept.scores, &[-1]);
+                let classes = b.g.unsqueeze(&kept.classes, &[-1]);
+                b.concat(&[kept.boxes, scores, classes], -1)
+            },
+        );
+        job.add_run(
+            m,
+            &[
+                ("boxes", &[1, n, 4], Tensor::F32(boxes.clone())),
+                ("scores", &[1, n], Tensor::F32(scores.clone())),
+                ("classes", &[1, n], Tensor::F32(classes.clone())),
+            ],
+        );
+        // torchvision's kept candidates, as rows (x1, y1, x2, y2, score, class).
+        let keep = case["keep"].as_array().unwrap().iter().map(|k| k.as_u64().unwrap() as usize);
+        let rows: Vec<[f32; 6]> =
+            keep.map(|k| [boxes[4 * k], boxes[4 * k + 1], boxes[4 * k + 2], boxes[4 * k + 3], scores[k], classes[k]]).collect();
+        expected.push((format!("n={n} classes={class_count} iou={iou}"), m, rows));
+    }
+    assert!(paths[0] > 0 && paths[1] > 0, "cases must cover the coordinate trick and the per-class loop: {paths:?}");
+    let results = job.run();
+    for (what, m, rows) in expected {
+        let got: Vec<[f32; 6]> = results[m][0]["out"]
+            .f32s()
+            .chunks_exact(6)
+            .filter(|r| r[4] >= 0.0) // the rest are padding (score -1)
+            .map(|r| [r[0], r[1], r[2], r[3], r[4], r[5]])
+            .collect();
+        let bits = |r: &[[f32; 6]]| -> Vec<[u32; 6]> { r.iter().map(|r| r.map(f32::to_bits)).collect() };
+        assert_eq!(got.len(), rows.len(), "batched_nms {what}: kept count");
+        assert_eq!(bits(&got), bits(&rows), "batched_nms {what}: kept candidates, in order");
+        eprintln!("batched_nms {what}: {} of the candidates kept, as torchvision", rows.len());
+    }
+}

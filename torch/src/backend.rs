@@ -715,7 +715,8 @@ impl PhaseTimer {
 
 #[cfg(test)]
 mod tests {
-    //! The detection formulas and the pipeline's composites (grid anchors, MultiScaleRoIAlign)
+    //! The detection formulas and the pipeline's composites (grid anchors, MultiScaleRoIAlign,
+    //! batched NMS)
     //! on libtorch against torchvision itself, bit for bit, on the inputs of
     //! `tests/detection_formulas.py` (the ONNX side is tests/detection_formulas.rs).
 
@@ -804,6 +805,22 @@ mod tests {
         let pooled = pipeline::multi_scale_roi_align(&mut b, &names, &maps, &proposals, &frames);
         let channels = maps[0].0.size()[1];
         assert_same_bits("MultiScaleRoIAlign", &pooled, &tensor(&pool["out"], &[-1, channels, 7, 7]));
+
+        for case in cases["batched_nms"].as_array().unwrap() {
+            let n = case["scores"].as_array().unwrap().len() as i64;
+            let candidates = Candidates {
+                boxes: tensor(&case["boxes"], &[n, 4]),
+                scores: tensor(&case["scores"], &[n]),
+                classes: tensor(&case["classes"], &[n]),
+            };
+            let iou = case["iou_threshold"].as_f64().unwrap() as f32;
+            let kept = b.batched_nms_top(&candidates, 0..0, iou, n as usize);
+            let keep: Vec<i64> = case["keep"].as_array().unwrap().iter().map(int).collect();
+            let keep = Tensor::from_slice(&keep);
+            let what = format!("batched_nms (n={n})");
+            assert_same_bits(&what, &kept.boxes, &Shared(candidates.boxes.0.index_select(0, &keep)));
+            assert_same_bits(&what, &kept.scores, &Shared(candidates.scores.0.index_select(0, &keep)));
+        }
         assert!(b.take_error().is_none());
     }
 
