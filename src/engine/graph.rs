@@ -85,7 +85,8 @@ impl NodeSpec {
     /// ([`Stage::inputs`]).
     pub fn from_arc(stage: Arc<dyn Stage>) -> Self {
         let inputs = stage.inputs().into_iter().map(|(name, node)| (name.to_string(), node)).collect();
-        NodeSpec { stage, labels: Vec::new(), identity: None, files: Vec::new(), inputs, materializations: Vec::new() }
+        let files = stage.files();
+        NodeSpec { stage, labels: Vec::new(), identity: None, files, inputs, materializations: Vec::new() }
     }
 
     /// Names the run this node belongs to (e.g. the run directory as the user typed it);

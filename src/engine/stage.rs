@@ -40,6 +40,14 @@ pub trait Stage: Send + Sync {
         Vec::new()
     }
 
+    /// The files this stage reads, by input name (the name and the file's content are part
+    /// of the key), for a stage that holds them as fields (its own list of images, say);
+    /// wired like [`Stage::inputs`]. Files of the run a planner knows about are added with
+    /// [`crate::engine::NodeSpec::file`] instead.
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        Vec::new()
+    }
+
     /// Does the work: reads inputs and writes outputs through `ctx`. An error (or a panic)
     /// fails this node and skips its dependents; nothing it wrote is kept.
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()>;

@@ -164,14 +164,13 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
 
     let int8 = match &req.int8 {
         Some(q) => {
-            let calibrate = quantize::Calibrate { settings: q.settings.clone(), threads: req.threads, onnx: onnx.as_input("onnx") };
-            let calibration = add(g, calibrate, |mut s| {
-                s = s.label(&label);
-                for (i, image) in q.images.iter().enumerate() {
-                    s = s.file(quantize::calibration_input_name(i, image), image);
-                }
-                s
-            })?;
+            let calibrate = quantize::Calibrate {
+                settings: q.settings.clone(),
+                threads: req.threads,
+                onnx: onnx.as_input("onnx"),
+                images: q.images.clone(),
+            };
+            let calibration = add(g, calibrate, |s| s.label(&label))?;
             let quantize = quantize::Quantize { onnx: onnx.as_input("onnx"), calibration: calibration.as_input("calibration") };
             let quantized = add(g, quantize, |s| s.label(&label))?;
             let publish_int8 = convert::PublishInt8 {

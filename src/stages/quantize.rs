@@ -23,10 +23,6 @@ pub const DEFAULT_CALIBRATION_IMAGES: usize = 64;
 /// File extensions of calibration images taken from a `--calibration-dir`.
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
-/// Prefix of the calibration images' file-input names (`calib:0003:name.png`, so that their
-/// sorted order is the order they were chosen in).
-const CALIBRATION_INPUT: &str = "calib:";
-
 /// How the INT8 model is calibrated: what the user asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationSettings {
@@ -85,9 +81,14 @@ pub fn calibration_images_in(dir: &Path, n: usize) -> anyhow::Result<Vec<PathBuf
     Ok(files)
 }
 
-/// The file-input name of the `i`-th calibration image.
-pub fn calibration_input_name(i: usize, path: &Path) -> String {
-    format!("{CALIBRATION_INPUT}{i:04}:{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
+/// The file-input name of the `i`-th calibration image (`calib:0003:name.png`): its position
+/// is part of the key, since the images are visited in the order they were chosen in.
+fn calibration_input_name(i: usize, path: &Path) -> String {
+    format!("calib:{i:04}:{}", file_name(path))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// `calibration.json`: the activation ranges and what they came from.
@@ -111,6 +112,8 @@ pub struct Calibrate {
     pub threads: usize,
     /// The float32 model.
     pub onnx: Upstream<OnnxModel>,
+    /// The calibration images, in the order they are visited.
+    pub images: Vec<PathBuf>,
 }
 
 impl Stage for Calibrate {
@@ -126,6 +129,9 @@ impl Stage for Calibrate {
     fn inputs(&self) -> Vec<(&'static str, NodeHandle)> {
         vec![self.onnx.wire()]
     }
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        self.images.iter().enumerate().map(|(i, path)| (calibration_input_name(i, path), path.clone())).collect()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let onnx_path = self.onnx.model(ctx)?;
         let model = crate::onnx::proto::ModelProto::decode(std::fs::read(&onnx_path)?.as_slice())
@@ -133,12 +139,12 @@ impl Stage for Calibrate {
         let (prepared, _) = quantize::prepare(&model)?;
         let plan = quantize::plan(&prepared)?;
         let probed = crate::onnx::encode(&quantize::with_outputs(&prepared, &plan.activations)?);
-        let images: Vec<(String, PathBuf)> = ctx
-            .file_inputs()
+        let images: Vec<(String, PathBuf)> = self
+            .files()
             .into_iter()
-            .filter(|(name, _)| name.starts_with(CALIBRATION_INPUT))
-            .map(|(name, path)| (name.splitn(3, ':').nth(2).unwrap_or(name).to_string(), path.to_path_buf()))
-            .collect();
+            .zip(&self.images)
+            .map(|((input, _), path)| Ok((file_name(path), ctx.input_file(&input)?.to_path_buf())))
+            .collect::<anyhow::Result<_>>()?;
         let mut collectors = vec![RangeCollector::new(self.settings.method); plan.activations.len()];
         let mut load = images.iter().map(|(_, path)| RgbImage::load(path));
         crate::runtime::onnx::visit_tensors(&probed, &onnx_path, self.threads, &mut load, &plan.activations, &mut |i, values| {
