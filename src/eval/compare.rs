@@ -8,21 +8,39 @@ use serde::{Deserialize, Serialize};
 /// The metrics compared, as named in `comparison.json`.
 pub const COMPARED: [&str; 4] = ["AP", "AP50", "AP75", "AR100"];
 
-/// The headline metrics of one side.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// The headline metrics of one side. In JSON, an object keyed by the names in [`COMPARED`].
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Headline {
     /// AP @[.50:.95].
-    #[serde(rename = "AP")]
     pub ap: f64,
     /// AP @.50.
-    #[serde(rename = "AP50")]
     pub ap50: f64,
     /// AP @.75.
-    #[serde(rename = "AP75")]
     pub ap75: f64,
     /// AR @100 detections.
-    #[serde(rename = "AR100")]
     pub ar100: f64,
+}
+
+impl Serialize for Headline {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(COMPARED.len()))?;
+        for (name, value) in COMPARED.iter().zip(self.values()) {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Headline {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = std::collections::BTreeMap::<String, serde_json::Value>::deserialize(deserializer)?;
+        let metric = |name: &str| {
+            map.get(name).and_then(serde_json::Value::as_f64).ok_or_else(|| serde::de::Error::custom(format!("no number `{name}`")))
+        };
+        let [ap, ap50, ap75, ar100] = COMPARED;
+        Ok(Headline { ap: metric(ap)?, ap50: metric(ap50)?, ap75: metric(ap75)?, ar100: metric(ar100)? })
+    }
 }
 
 impl Headline {
@@ -322,6 +340,19 @@ impl Comparison {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headline_json_is_keyed_by_the_compared_names() {
+        let h = Headline { ap: 0.5, ap50: 0.8, ap75: 0.4, ar100: 0.625 };
+        let text = serde_json::to_string(&h).unwrap();
+        assert_eq!(text, r#"{"AP":0.5,"AP50":0.8,"AP75":0.4,"AR100":0.625}"#);
+        assert_eq!(serde_json::from_str::<Headline>(&text).unwrap(), h);
+        // Other keys (a whole COCO metrics object) are ignored; a missing one is an error.
+        let coco = r#"{"AP":0.5,"AP50":0.8,"AP75":0.4,"APs":-1.0,"AR100":0.625,"stats":[1.0]}"#;
+        assert_eq!(serde_json::from_str::<Headline>(coco).unwrap(), h);
+        let err = serde_json::from_str::<Headline>(r#"{"AP":0.5,"AP50":0.8,"AP75":0.4}"#).unwrap_err();
+        assert!(err.to_string().contains("AR100"), "{err}");
+    }
 
     #[test]
     fn verdict_bounds() {
