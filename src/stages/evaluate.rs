@@ -40,16 +40,40 @@ fn dataset_of(ctx: &StageContext<'_>) -> anyhow::Result<Dataset> {
     Ok(Dataset::load(dir)?)
 }
 
-/// blake3 over the dataset index and images (their content hashes, in order).
-fn dataset_hash(ctx: &StageContext<'_>) -> anyhow::Result<String> {
-    let mut h = blake3::Hasher::new_derive_key("mkonnx.dataset.v1");
-    for (name, _) in ctx.file_inputs() {
-        if name == DATASET_INDEX_INPUT || name.starts_with("image:") {
+/// A dataset's files as file inputs of a node: the index ([`DATASET_INDEX_INPUT`]) and every
+/// image once (`image:<path in the index>`), even when several lines name the same image.
+#[derive(Clone, Debug)]
+pub struct DatasetFiles {
+    inputs: Vec<(String, PathBuf)>,
+}
+
+impl DatasetFiles {
+    /// The files of `ds`.
+    pub fn of(ds: &Dataset) -> Self {
+        let mut inputs = vec![(DATASET_INDEX_INPUT.to_string(), ds.dir.join(crate::data::dataset::INDEX_FILE))];
+        let mut seen = std::collections::HashSet::new();
+        for img in ds.images.iter().filter(|img| seen.insert(img.image.as_str())) {
+            inputs.push((format!("image:{}", img.image), ds.image_path(img)));
+        }
+        DatasetFiles { inputs }
+    }
+
+    /// (input name, path) of each file.
+    pub fn inputs(&self) -> &[(String, PathBuf)] {
+        &self.inputs
+    }
+
+    /// blake3 over the files' names and content hashes, in name order.
+    fn hash(&self, ctx: &StageContext<'_>) -> anyhow::Result<String> {
+        let mut names: Vec<&str> = self.inputs.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort();
+        let mut h = blake3::Hasher::new_derive_key("mkonnx.dataset.v1");
+        for name in names {
             h.update(name.as_bytes());
             h.update(ctx.input_file_hash(name)?.as_bytes());
         }
+        Ok(h.finalize().to_hex().to_string())
     }
-    Ok(h.finalize().to_hex().to_string())
 }
 
 /// Stage `ground_truth`: `ground_truth_coco.json` from `dataset.jsonl`, categories named
@@ -57,6 +81,8 @@ fn dataset_hash(ctx: &StageContext<'_>) -> anyhow::Result<String> {
 pub struct GroundTruth {
     /// Foreground class names (label 1 first); labels past the list are named `class_<n>`.
     pub class_names: Vec<String>,
+    /// The dataset's files.
+    pub dataset: DatasetFiles,
 }
 
 impl Stage for GroundTruth {
@@ -69,10 +95,13 @@ impl Stage for GroundTruth {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "class_names": self.class_names })
     }
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        self.dataset.inputs().to_vec()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> anyhow::Result<()> {
         let ds = dataset_of(ctx)?;
         let gt = ground_truth(&ds, &self.class_names)?;
-        let info = DatasetInfo { name: ds.name.clone(), hash: dataset_hash(ctx)?, images: ds.images.len() };
+        let info = DatasetInfo { name: ds.name.clone(), hash: self.dataset.hash(ctx)?, images: ds.images.len() };
         ctx.write_output(GroundTruthSet::COCO, serde_json::to_vec_pretty(&gt)?)?;
         ctx.write_output(GroundTruthSet::DATASET, serde_json::to_vec_pretty(&info)?)?;
         Ok(())

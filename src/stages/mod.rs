@@ -23,7 +23,7 @@ pub mod quantize;
 pub mod summary;
 pub mod wiring;
 
-use crate::data::dataset::{Dataset, INDEX_FILE};
+use crate::data::dataset::Dataset;
 use crate::data::run_dir::{file_tag, RunDir};
 use crate::engine::{Graph, NodeHandle, NodeSpec};
 use crate::runtime::{Detections, RgbImage};
@@ -85,13 +85,10 @@ pub struct PlannedRun {
     pub error: Option<String>,
 }
 
-/// Adds a dataset's files (index + every image, once each even when several lines name
-/// the same image) as file inputs of a node.
-fn with_dataset(mut spec: NodeSpec, ds: &Dataset) -> NodeSpec {
-    spec = spec.file(evaluate::DATASET_INDEX_INPUT, ds.dir.join(INDEX_FILE));
-    let mut seen = std::collections::HashSet::new();
-    for img in ds.images.iter().filter(|img| seen.insert(img.image.as_str())) {
-        spec = spec.file(format!("image:{}", img.image), ds.image_path(img));
+/// Adds a dataset's files ([`evaluate::DatasetFiles`]) as file inputs of a node.
+fn with_dataset(mut spec: NodeSpec, files: &evaluate::DatasetFiles) -> NodeSpec {
+    for (name, path) in files.inputs() {
+        spec = spec.file(name.clone(), path.clone());
     }
     spec
 }
@@ -190,13 +187,14 @@ fn plan_run(g: &mut Graph, req: &BuildRequest, run: &RunDir, p: &mut PlannedRun)
     // in `resolve_model`, with its own error; there is nothing to evaluate.
     let Ok(class_names) = planned_class_names(run) else { return Ok(()) };
     let identity = format!("classes:{}", serde_json::to_string(&class_names)?);
-    let gt = add(g, evaluate::GroundTruth { class_names }, |s| with_dataset(s.identity(identity), ds).label(&label))?;
+    let dataset = evaluate::DatasetFiles::of(ds);
+    let gt = add(g, evaluate::GroundTruth { class_names, dataset: dataset.clone() }, |s| s.identity(identity).label(&label))?;
     // An evaluation: the dataset's files, the resolved model and the ground truth in, its
     // directory of metrics, predictions and pictures out.
     let options =
         evaluate::EvaluationOptions { visualizations: req.visualizations, vis_score_thresh: req.vis_score_thresh, threads: req.threads };
     let inputs = evaluate::EvaluationInputs { model: model.as_input("model"), ground_truth: gt.as_input("ground_truth") };
-    let evaluation = |s: NodeSpec, dest: PathBuf| with_dataset(s, ds).label(&label).materialize_dir("", dest);
+    let evaluation = |s: NodeSpec, dest: PathBuf| with_dataset(s, &dataset).label(&label).materialize_dir("", dest);
     let onnx_eval_dir = run.root.join(format!("eval_{}_{}", ds.name, file_tag(std::path::Path::new(OnnxModel::FILE))));
     let onnx_eval = add(g, evaluate::EvaluateOnnx { options, inputs, onnx: onnx.as_input("onnx") }, |s| evaluation(s, onnx_eval_dir))?;
     let pt_dir = run.root.join(format!("eval_{}_{}", ds.name, run.checkpoint_tag()));
