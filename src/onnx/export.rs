@@ -212,8 +212,7 @@ impl Frames {
 /// width and height), `score` [B, N], `category` int64 [B, N], where N is the largest
 /// detection count of the batch and rows past an image's own count are zeros.
 fn output_layout(g: &mut GraphBuilder, d: &Candidates<Value>, frames: &Frames) -> (Value, Value, Value) {
-    let threshold = g.scalar_f32(INVALID_THRESHOLD);
-    let valid = g.greater(&d.scores, &threshold);
+    let valid = is_candidate(g, &d.scores);
     // Kept detections come first in each row (by decreasing score).
     let count = g.cast(&valid, DataType::Int64);
     let count = g.reduce_sum(&count, &[1], false);
@@ -441,8 +440,7 @@ fn stack_boxes(g: &mut GraphBuilder, c: &[Value; 4]) -> Value {
 /// moves an IoU across the threshold, so both are computed and each image takes the one
 /// eager PyTorch would have used.
 fn batched_nms(g: &mut GraphBuilder, boxes: &Value, scores: &Value, classes: &Value, class_ids: &[f32], iou: f32) -> Value {
-    let threshold = g.scalar_f32(INVALID_THRESHOLD);
-    let eligible = g.greater(scores, &threshold);
+    let eligible = is_candidate(g, scores);
 
     // Coordinate trick: max over the image's eligible boxes (clipped boxes are >= 0).
     let zero = g.scalar_f32(0.0);
@@ -511,11 +509,21 @@ fn kept_mask(g: &mut GraphBuilder, scores: &Value, selected: &Value) -> Value {
 fn top_kept(g: &mut GraphBuilder, scores: &Value, kept: &Value, k_max: usize) -> (Value, Value) {
     let invalid = g.scalar_f32(INVALID);
     let masked = g.where_(kept, scores, &invalid);
-    let n = g.shape(scores);
-    let n = g.element(&n, 1);
-    let cap = g.ints(&[k_max as i64]);
+    top_k_capped(g, &masked, k_max)
+}
+
+/// `x.topk(min(cap, n), dim=-1)`: (values, indices).
+fn top_k_capped(g: &mut GraphBuilder, x: &Value, cap: usize) -> (Value, Value) {
+    let n = dim_of(g, x, -1);
+    let cap = g.ints(&[cap as i64]);
     let k = g.min(&n, &cap);
-    g.top_k(&masked, &k, 1)
+    g.top_k(x, &k, -1)
+}
+
+/// Which rows of a padded set hold a candidate, from their scores: [`INVALID`] marks the rest.
+fn is_candidate(g: &mut GraphBuilder, scores: &Value) -> Value {
+    let threshold = g.scalar_f32(INVALID_THRESHOLD);
+    g.greater(scores, &threshold)
 }
 
 /// Score given to candidates that must not be selected; real scores (probabilities) are >= 0.
@@ -655,11 +663,7 @@ impl PipelineOps for OnnxBackend<'_> {
         self.g.reshape_const(&t, &[0, -1, c])
     }
     fn top_k(&mut self, x: &Value, cap: usize) -> (Value, Value) {
-        let g = &mut *self.g;
-        let n = dim_of(g, x, -1);
-        let cap = g.ints(&[cap as i64]);
-        let k = g.min(&n, &cap);
-        g.top_k(x, &k, -1)
+        top_k_capped(self.g, x, cap)
     }
     fn offset_indices(&mut self, indices: &Value, by: &Value) -> Value {
         self.g.add(indices, by)
@@ -768,8 +772,7 @@ impl PipelineOps for OnnxBackend<'_> {
     }
     fn without_padding(&mut self, boxes: &Value, scores: &Value) -> Value {
         let g = &mut *self.g;
-        let threshold = g.scalar_f32(INVALID_THRESHOLD);
-        let real = g.greater(scores, &threshold);
+        let real = is_candidate(g, scores);
         let real = g.unsqueeze(&real, &[-1]);
         let zero = g.scalar_f32(0.0);
         g.where_(&real, boxes, &zero)

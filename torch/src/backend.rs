@@ -137,12 +137,6 @@ impl<'a> TchBackend<'a> {
         self.phases.report();
     }
 
-    /// Whether an error is kept: later ops are skipped (libtorch aborts the process, through
-    /// tch's `Scalar` destructor, when an op with a scalar argument fails).
-    fn failed(&self) -> bool {
-        self.error.is_some()
-    }
-
     /// Keeps `e` (if it is the first error) and returns an empty tensor in place of a result.
     fn fail(&mut self, e: RuntimeError) -> Shared {
         self.error.get_or_insert(e);
@@ -165,8 +159,15 @@ impl<'a> TchBackend<'a> {
         self.error.take()
     }
 
-    fn keep(&mut self, r: Result<Tensor, tch::TchError>, step: &str) -> Shared {
-        match r {
+    /// Runs `op` and keeps its tensor, or keeps its error (the first one) and returns an empty
+    /// tensor. Once an error is kept, `op` is not run: later ops would only fail on the empty
+    /// tensors it leaves, and libtorch aborts the process, through tch's `Scalar` destructor,
+    /// when an op with a scalar argument fails.
+    fn keep(&mut self, op: impl FnOnce() -> Result<Tensor, tch::TchError>, step: &str) -> Shared {
+        if self.error.is_some() {
+            return Shared(Tensor::new());
+        }
+        match op() {
             Ok(t) => Shared(t),
             Err(source) => {
                 self.error.get_or_insert(RuntimeError::Torch { step: step.to_string(), source });
@@ -235,47 +236,58 @@ impl Backend for TchBackend<'_> {
     // In place, as torchvision's `inplace=True` activations and `out += identity`: no new
     // [R, 256, 7, 7] buffer per layer (same kernels, same values).
     fn relu(&mut self, x: Shared) -> Shared {
-        let mut t = x.0;
-        let r = t.f_relu_().map(|_| t);
-        self.keep(r, "relu")
+        self.keep(
+            || {
+                let mut t = x.0;
+                t.f_relu_().map(|_| t)
+            },
+            "relu",
+        )
     }
 
     fn hardswish(&mut self, x: Shared) -> Shared {
-        let mut t = x.0;
-        let r = t.f_hardswish_().map(|_| t);
-        self.keep(r, "hardswish")
+        self.keep(
+            || {
+                let mut t = x.0;
+                t.f_hardswish_().map(|_| t)
+            },
+            "hardswish",
+        )
     }
 
     fn hardsigmoid(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_hardsigmoid(), "hardsigmoid")
+        self.keep(|| x.0.f_hardsigmoid(), "hardsigmoid")
     }
 
     fn add(&mut self, a: Shared, b: &Shared) -> Shared {
-        let mut t = a.0;
-        let r = t.f_add_(&b.0).map(|_| t);
-        self.keep(r, "residual sum")
+        self.keep(
+            || {
+                let mut t = a.0;
+                t.f_add_(&b.0).map(|_| t)
+            },
+            "residual sum",
+        )
     }
 
     fn mul(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_mul(&b.0), "squeeze-excitation product")
+        self.keep(|| a.0.f_mul(&b.0), "squeeze-excitation product")
     }
 
     fn max_pool2d(&mut self, x: &Shared, kernel: i64, stride: i64, padding: i64) -> Shared {
-        self.keep(x.0.f_max_pool2d([kernel, kernel], [stride, stride], [padding, padding], [1, 1], false), "max_pool2d")
+        self.keep(|| x.0.f_max_pool2d([kernel, kernel], [stride, stride], [padding, padding], [1, 1], false), "max_pool2d")
     }
 
     fn global_avg_pool(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_adaptive_avg_pool2d([1, 1]), "adaptive_avg_pool2d")
+        self.keep(|| x.0.f_adaptive_avg_pool2d([1, 1]), "adaptive_avg_pool2d")
     }
 
     fn upsample_nearest_like(&mut self, x: &Shared, like: &Shared) -> Shared {
-        let size = like.0.size();
-        let hw: Vec<i64> = size.iter().skip(2).copied().collect();
-        self.keep(x.0.f_upsample_nearest2d(hw.as_slice(), None, None), "FPN upsampling")
+        let hw = [self.size_at(like, 2), self.size_at(like, 3)];
+        self.keep(|| x.0.f_upsample_nearest2d(hw, None, None), "FPN upsampling")
     }
 
     fn flatten(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_flatten(1, -1), "flatten")
+        self.keep(|| x.0.f_flatten(1, -1), "flatten")
     }
 }
 
@@ -292,77 +304,56 @@ impl DetectionOps for TchBackend<'_> {
         f64::from(*a as f32 / *b as f32)
     }
     fn coords(&mut self, boxes: &Shared) -> [Shared; 4] {
-        [0, 1, 2, 3].map(|i| {
-            let r = boxes.0.f_select(-1, i);
-            self.keep(r, "box coordinates")
-        })
+        [0, 1, 2, 3].map(|i| self.keep(|| boxes.0.f_select(-1, i), "box coordinates"))
     }
     fn stack_coords(&mut self, c: &[Shared; 4]) -> Shared {
-        self.keep(Tensor::f_stack(&[&c[0].0, &c[1].0, &c[2].0, &c[3].0], -1), "stacking box coordinates")
+        self.keep(|| Tensor::f_stack(&[&c[0].0, &c[1].0, &c[2].0, &c[3].0], -1), "stacking box coordinates")
     }
     fn plus(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_add(&b.0), "add")
+        self.keep(|| a.0.f_add(&b.0), "add")
     }
     fn sub(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_sub(&b.0), "sub")
+        self.keep(|| a.0.f_sub(&b.0), "sub")
     }
     fn add_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_add_scalar(*s), "add")
+        self.keep(|| x.0.f_add_scalar(*s), "add")
     }
     fn sub_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_sub_scalar(*s), "sub")
+        self.keep(|| x.0.f_sub_scalar(*s), "sub")
     }
     fn mul_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_mul_scalar(*s), "mul")
+        self.keep(|| x.0.f_mul_scalar(*s), "mul")
     }
     fn div_scalar(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_div_scalar(*s), "div")
+        self.keep(|| x.0.f_div_scalar(*s), "div")
     }
     fn clamp(&mut self, x: &Shared, lo: Option<&f64>, hi: Option<&f64>) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
         // torch.clamp dispatches on which bounds are given; so do these calls.
-        let r = match (lo, hi) {
+        let op = || match (lo, hi) {
             (Some(lo), Some(hi)) => x.0.f_clamp(*lo, *hi),
             (Some(lo), None) => x.0.f_clamp_min(*lo),
             (None, Some(hi)) => x.0.f_clamp_max(*hi),
             (None, None) => Ok(x.0.shallow_clone()),
         };
-        self.keep(r, "clamp")
+        self.keep(op, "clamp")
     }
     fn exp(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_exp(), "exp")
+        self.keep(|| x.0.f_exp(), "exp")
     }
     fn sqrt(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_sqrt(), "sqrt")
+        self.keep(|| x.0.f_sqrt(), "sqrt")
     }
     fn log2(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_log2(), "log2")
+        self.keep(|| x.0.f_log2(), "log2")
     }
     fn floor(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_floor(), "floor")
+        self.keep(|| x.0.f_floor(), "floor")
     }
     fn at_least(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_ge(*s), "comparison")
+        self.keep(|| x.0.f_ge(*s), "comparison")
     }
     fn both(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_logical_and(&b.0), "logical and")
+        self.keep(|| a.0.f_logical_and(&b.0), "logical and")
     }
 }
 
@@ -467,38 +458,40 @@ impl PipelineOps for TchBackend<'_> {
     }
 
     fn strided_range(&mut self, n: &i64, s: &i64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
         // torch.arange(0, n, dtype=int32) * s: whole numbers, exact in float32.
-        let r = Tensor::f_arange(*n, (Kind::Int64, self.device)).and_then(|t| t.f_mul_scalar(*s)).and_then(|t| t.f_to_kind(Kind::Float));
-        self.keep(r, "grid anchors")
+        let device = self.device;
+        self.keep(
+            || Tensor::f_arange(*n, (Kind::Int64, device)).and_then(|t| t.f_mul_scalar(*s)).and_then(|t| t.f_to_kind(Kind::Float)),
+            "grid anchors",
+        )
     }
     fn mesh(&mut self, ys: &Shared, xs: &Shared) -> [Shared; 2] {
         let (h, w) = (self.size_at(ys, 0), self.size_at(xs, 0));
-        let y = ys.0.f_view([-1, 1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1]));
-        let x = xs.0.f_view([1, -1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1]));
-        [self.keep(y, "grid anchors"), self.keep(x, "grid anchors")]
+        let y = self.keep(|| ys.0.f_view([-1, 1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1])), "grid anchors");
+        let x = self.keep(|| xs.0.f_view([1, -1]).and_then(|t| t.f_expand([h, w], false)).and_then(|t| t.f_reshape([-1])), "grid anchors");
+        [y, x]
     }
     fn const_tensor(&mut self, values: &[f32], shape: &[i64]) -> Shared {
-        let r = Tensor::f_from_slice(values).and_then(|t| t.f_view(shape)).and_then(|t| t.f_to_device(self.device));
-        self.keep(r, "constant")
+        let device = self.device;
+        self.keep(|| Tensor::f_from_slice(values).and_then(|t| t.f_view(shape)).and_then(|t| t.f_to_device(device)), "constant")
     }
     fn div(&mut self, a: &Shared, b: &Shared) -> Shared {
-        self.keep(a.0.f_div(&b.0), "div")
+        self.keep(|| a.0.f_div(&b.0), "div")
     }
     fn reshape(&mut self, x: &Shared, shape: &[i64]) -> Shared {
         let shape: Vec<i64> = shape.iter().enumerate().map(|(i, &d)| if d == 0 { self.size_at(x, i as i64) } else { d }).collect();
-        self.keep(x.0.f_reshape(shape.as_slice()), "reshape")
+        self.keep(|| x.0.f_reshape(shape.as_slice()), "reshape")
     }
     fn concat(&mut self, xs: &[Shared], axis: i64) -> Shared {
         let tensors: Vec<&Tensor> = xs.iter().map(|x| &x.0).collect();
-        self.keep(Tensor::f_cat(&tensors, axis), "cat")
+        self.keep(|| Tensor::f_cat(&tensors, axis), "cat")
     }
     fn permute_and_flatten(&mut self, x: &Shared, c: i64) -> Shared {
         let (n, h, w) = (self.size_at(x, 0), self.size_at(x, 2), self.size_at(x, 3));
-        let r = x.0.f_view([n, -1, c, h, w]).and_then(|t| t.f_permute([0, 3, 4, 1, 2])).and_then(|t| t.f_reshape([n, -1, c]));
-        self.keep(r, "permute_and_flatten")
+        self.keep(
+            || x.0.f_view([n, -1, c, h, w]).and_then(|t| t.f_permute([0, 3, 4, 1, 2])).and_then(|t| t.f_reshape([n, -1, c])),
+            "permute_and_flatten",
+        )
     }
     fn top_k(&mut self, x: &Shared, cap: usize) -> (Shared, Shared) {
         let k = (cap as i64).min(self.size_at(x, -1));
@@ -511,37 +504,30 @@ impl PipelineOps for TchBackend<'_> {
         }
     }
     fn offset_indices(&mut self, indices: &Shared, by: &i64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(indices.0.f_add_scalar(*by), "top-k indices")
+        self.keep(|| indices.0.f_add_scalar(*by), "top-k indices")
     }
     fn gather_boxes(&mut self, x: &Shared, indices: &Shared) -> Shared {
         let (n, k) = (self.size_at(indices, 0), self.size_at(indices, 1));
-        let r = indices.0.f_unsqueeze(-1).and_then(|i| i.f_expand([n, k, 4], false)).and_then(|i| x.0.f_gather(1, &i, false));
-        self.keep(r, "gathering boxes")
+        self.keep(
+            || indices.0.f_unsqueeze(-1).and_then(|i| i.f_expand([n, k, 4], false)).and_then(|i| x.0.f_gather(1, &i, false)),
+            "gathering boxes",
+        )
     }
     fn fill_like(&mut self, like: &Shared, v: f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(like.0.f_full_like(v), "fill")
+        self.keep(|| like.0.f_full_like(v), "fill")
     }
     fn sigmoid(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_sigmoid(), "sigmoid")
+        self.keep(|| x.0.f_sigmoid(), "sigmoid")
     }
     fn softmax(&mut self, x: &Shared) -> Shared {
-        self.keep(x.0.f_softmax(-1, None::<Kind>), "softmax")
+        self.keep(|| x.0.f_softmax(-1, None::<Kind>), "softmax")
     }
     fn greater(&mut self, x: &Shared, s: &f64) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        self.keep(x.0.f_gt(*s), "comparison")
+        self.keep(|| x.0.f_gt(*s), "comparison")
     }
     fn slice_from(&mut self, x: &Shared, axis: i64, start: i64) -> Shared {
         let len = self.size_at(x, axis) - start;
-        self.keep(x.0.f_narrow(axis, start, len.max(0)), "slice")
+        self.keep(|| x.0.f_narrow(axis, start, len.max(0)), "slice")
     }
     fn merge_axes(&mut self, x: &Shared, axis: i64) -> Shared {
         let mut size = if x.0.defined() { x.0.size() } else { Vec::new() };
@@ -555,20 +541,17 @@ impl PipelineOps for TchBackend<'_> {
         let a = a as usize;
         size[a] *= size[a + 1];
         size.remove(a + 1);
-        self.keep(x.0.f_reshape(size.as_slice()), "reshape")
+        self.keep(|| x.0.f_reshape(size.as_slice()), "reshape")
     }
     fn class_ids_like(&mut self, scores: &Shared) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
         // torch.arange(num_classes).view(1, -1).expand_as(scores), as float ids.
         let c = self.size_at(scores, -1);
-        let r = Tensor::f_arange(c, (Kind::Float, self.device)).and_then(|t| t.f_expand_as(&scores.0));
-        self.keep(r, "labels")
+        let device = self.device;
+        self.keep(|| Tensor::f_arange(c, (Kind::Float, device)).and_then(|t| t.f_expand_as(&scores.0)), "labels")
     }
 
     fn per_image(&mut self, x: &Shared) -> Vec<Shared> {
-        (0..self.size_at(x, 0)).map(|i| self.keep(x.0.f_select(0, i), "per-image split")).collect()
+        (0..self.size_at(x, 0)).map(|i| self.keep(|| x.0.f_select(0, i), "per-image split")).collect()
     }
     fn rows(&mut self, sets: &Vec<Shared>) -> Shared {
         self.concat(sets, 0)
@@ -576,8 +559,8 @@ impl PipelineOps for TchBackend<'_> {
     fn batch_index(&mut self, sets: &Vec<Shared>) -> Shared {
         let index: Vec<f32> =
             sets.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i as f32, self.size_at(s, 0) as usize)).collect();
-        let r = Tensor::f_from_slice(&index).and_then(|t| t.f_to_device(self.device));
-        self.keep(r, "batch index")
+        let device = self.device;
+        self.keep(|| Tensor::f_from_slice(&index).and_then(|t| t.f_to_device(device)), "batch index")
     }
     fn split_rows(&mut self, rows: &Shared, like: &Vec<Shared>) -> Vec<Shared> {
         let counts: Vec<i64> = like.iter().map(|s| self.size_at(s, 0)).collect();
@@ -602,12 +585,9 @@ impl PipelineOps for TchBackend<'_> {
         outputs
     }
     fn keep_where(&mut self, c: Candidates<Shared>, keep: &Shared) -> Candidates<Shared> {
-        let index = keep.0.f_nonzero().and_then(|t| t.f_squeeze_dim(1));
-        let index = self.keep(index, "filtering candidates");
-        let [boxes, scores, classes] = [&c.boxes, &c.scores, &c.classes].map(|t| {
-            let r = t.0.f_index_select(0, &index.0);
-            self.keep(r, "filtering candidates")
-        });
+        let index = self.keep(|| keep.0.f_nonzero().and_then(|t| t.f_squeeze_dim(1)), "filtering candidates");
+        let [boxes, scores, classes] =
+            [&c.boxes, &c.scores, &c.classes].map(|t| self.keep(|| t.0.f_index_select(0, &index.0), "filtering candidates"));
         Candidates { boxes, scores, classes }
     }
     fn batched_nms_top(&mut self, c: &Candidates<Shared>, _class_ids: std::ops::Range<usize>, iou: f32, k: usize) -> Candidates<Shared> {
@@ -622,10 +602,7 @@ impl PipelineOps for TchBackend<'_> {
             Tensor::f_from_slice(&keep).and_then(|t| t.f_to_device(self.device)).map(Shared).step(step)
         })();
         let kept = kept.unwrap_or_else(|e| self.fail(e));
-        let [boxes, scores, classes] = [&c.boxes, &c.scores, &c.classes].map(|t| {
-            let r = t.0.f_index_select(0, &kept.0);
-            self.keep(r, step)
-        });
+        let [boxes, scores, classes] = [&c.boxes, &c.scores, &c.classes].map(|t| self.keep(|| t.0.f_index_select(0, &kept.0), step));
         Candidates { boxes, scores, classes }
     }
 
@@ -637,8 +614,7 @@ impl PipelineOps for TchBackend<'_> {
             if r == 0 {
                 return Tensor::f_zeros([0, c, side, side], (Kind::Float, self.device)).step(step);
             }
-            let shape = map.0.size();
-            let shape = [shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize];
+            let shape = [0, 1, 2, 3].map(|axis| self.size_at(map, axis) as usize);
             let input = to_vec::<f32>(&map.0, step)?;
             let boxes = to_boxes(&rois.0, step)?;
             let images = to_vec::<f32>(&batch_index.0, step)?;
@@ -657,26 +633,27 @@ impl PipelineOps for TchBackend<'_> {
         pooled.map(Shared).unwrap_or_else(|e| self.fail(e))
     }
     fn rows_at_level(&mut self, levels: &Shared, level: usize) -> Shared {
-        if self.failed() {
-            return Shared(Tensor::new());
-        }
-        let r = levels.0.f_eq(level as f64).and_then(|t| t.f_nonzero()).and_then(|t| t.f_squeeze_dim(1));
-        self.keep(r, "LevelMapper")
+        self.keep(|| levels.0.f_eq(level as f64).and_then(|t| t.f_nonzero()).and_then(|t| t.f_squeeze_dim(1)), "LevelMapper")
     }
     fn take_rows(&mut self, x: &Shared, index: &Shared) -> Shared {
-        self.keep(x.0.f_index_select(0, &index.0), "MultiScaleRoIAlign")
+        self.keep(|| x.0.f_index_select(0, &index.0), "MultiScaleRoIAlign")
     }
     fn put_rows(&mut self, into: Shared, index: &Shared, rows: &Shared) -> Shared {
-        let mut t = into.0;
-        let r = t.f_index_copy_(0, &index.0, &rows.0).map(|_| t);
-        self.keep(r, "MultiScaleRoIAlign")
+        self.keep(
+            || {
+                let mut t = into.0;
+                t.f_index_copy_(0, &index.0, &rows.0).map(|_| t)
+            },
+            "MultiScaleRoIAlign",
+        )
     }
     fn without_padding(&mut self, boxes: &Shared, _scores: &Shared) -> Shared {
         boxes.clone()
     }
     fn zeros_pooled(&mut self, rois: &Shared, map: &Shared) -> Shared {
         let (r, c) = (self.size_at(rois, 0), self.size_at(map, 1));
-        self.keep(Tensor::f_zeros([r, c, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE], (Kind::Float, self.device)), "MultiScaleRoIAlign")
+        let device = self.device;
+        self.keep(|| Tensor::f_zeros([r, c, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE], (Kind::Float, device)), "MultiScaleRoIAlign")
     }
 
     fn phase_done(&mut self, phase: &'static str) {

@@ -270,20 +270,16 @@ pub fn proposals<B: PipelineOps>(
     let proposals = box_coder::decode(b, &deltas, &anchors, [1.0; 4]);
 
     // _get_top_n_idx: the pre-NMS top-n of each level, as indices into all levels.
-    let mut offset = b.dim(&objectness[0], 1);
+    let mut offset = b.int_const(0);
     let mut top_logits = Vec::with_capacity(maps.len());
     let mut top_index = Vec::with_capacity(maps.len());
     let mut top_levels = Vec::with_capacity(maps.len());
     for (level, level_objectness) in objectness.iter().enumerate() {
         let (values, index) = b.top_k(level_objectness, p.rpn_pre_nms_top_n_test);
         top_levels.push(b.fill_like(&values, level as f64));
-        if level == 0 {
-            top_index.push(index);
-        } else {
-            top_index.push(b.offset_indices(&index, &offset));
-            let count = b.dim(level_objectness, 1);
-            offset = b.int_add(&offset, &count);
-        }
+        top_index.push(b.offset_indices(&index, &offset));
+        let count = b.dim(level_objectness, 1);
+        offset = b.int_add(&offset, &count);
         top_logits.push(values);
     }
     let top_index = b.concat(&top_index, 1);
